@@ -1,0 +1,36 @@
+# SPDX-License-Identifier: GPL-2.0
+# Shared settings for the project's scripts. Source it; do not run it.
+#
+# Everything version-like lives here, so that the kernel cache key and the
+# set-up script agree on what "the toolchain" is.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# Pinned tools.
+BINDGEN_VERSION=0.73.2
+VIRTME_NG_VERSION=1.42
+LLVM_VERSION=19
+KERNEL_SOURCE_PKG=linux-source-7.3
+
+# Where installed tools and cached builds live: outside the work tree.
+TOOLS_DIR=${HMM_DMIRROR_TOOLS:-/opt/rust-hmm-dmirror}
+CACHE_DIR=${HMM_DMIRROR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rust-hmm-dmirror}
+
+BINDGEN=$TOOLS_DIR/bin/bindgen
+VNG=$TOOLS_DIR/venv/bin/vng
+export LIBCLANG_PATH=/usr/lib/llvm-$LLVM_VERSION/lib
+export PATH=/usr/lib/llvm-$LLVM_VERSION/bin:$TOOLS_DIR/bin:$PATH
+
+# Arguments every kernel and module build gets. rustup's rustc comes first
+# in PATH on these machines but has no rust-src, so name Debian's.
+KMAKE_ARGS=(LLVM=-$LLVM_VERSION RUSTC=/usr/bin/rustc BINDGEN="$BINDGEN" HOSTRUSTC=/usr/bin/rustc)
+
+# Where `make kernel` leaves the current build: a symlink into the cache.
+KDIR_LINK=$CACHE_DIR/kernel/current
+
+step() { printf '==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# now_s: seconds since the epoch, for stage timings.
+now_s() { date +%s; }
+took() { printf '    (%ds)\n' $(( $(now_s) - $1 )); }
