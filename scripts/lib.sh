@@ -19,7 +19,9 @@ CACHE_DIR=${HMM_DMIRROR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rust-hmm-dmirror}
 BINDGEN=$TOOLS_DIR/bin/bindgen
 VNG=$TOOLS_DIR/venv/bin/vng
 export LIBCLANG_PATH=/usr/lib/llvm-$LLVM_VERSION/lib
-export PATH=/usr/lib/llvm-$LLVM_VERSION/bin:$TOOLS_DIR/bin:$PATH
+# venv/bin goes last: vng runs its helpers from PATH, but its python3
+# must not shadow the system one.
+export PATH=/usr/lib/llvm-$LLVM_VERSION/bin:$TOOLS_DIR/bin:$PATH:$TOOLS_DIR/venv/bin
 
 # Arguments every kernel and module build gets. rustup's rustc comes first
 # in PATH on these machines but has no rust-src, so name Debian's.
