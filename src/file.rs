@@ -1,0 +1,394 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A file open on a dmirror device: the mirror of the opener's address
+//! space, and the ioctls that read and write through it.
+
+use crate::{
+    device::Device,
+    hmm::{
+        self, Event, HmmRange, Invalidation, Mirror, MirrorOps, MirroredAccess, Owner, PageKind,
+        Request, ValidPfn, PMD_SHIFT, PUD_SHIFT,
+    },
+    uapi::*,
+};
+use core::sync::atomic::{AtomicU64, Ordering};
+use pin_init::stack_try_pin_init;
+use kernel::{
+    alloc::{flags::__GFP_NOWARN, VVec},
+    fs::File,
+    miscdevice::{MiscDevice, MiscDeviceRegistration},
+    mm::{virt::VmaNew, MmWithUser},
+    page::{Page, PAGE_SHIFT, PAGE_SIZE},
+    prelude::*,
+    sync::aref::ARef,
+    time::{Delta, Instant, Monotonic},
+    uaccess::{UserPtr, UserSlice},
+};
+
+/// Pages per `hmm_range_fault()` call, as in C.
+const WINDOW_PAGES: usize = 32;
+/// How long a fault or snapshot retries invalidated ranges before it gives
+/// up with `EBUSY` (`HMM_RANGE_DEFAULT_TIMEOUT`).
+const RANGE_TIMEOUT_MS: i64 = 1000;
+
+/// The mirror of an open file ignores its own device's migrations: a
+/// migration updates the device page table itself.
+pub(crate) struct FileMirrorOps {
+    owner: Owner,
+}
+
+impl MirrorOps for FileMirrorOps {
+    fn ignores(&self, invalidation: &Invalidation<'_>) -> bool {
+        invalidation.event() == Event::Migrate && invalidation.owner() == Some(self.owner)
+    }
+}
+
+/// A mirror that only detects invalidations, for one snapshot window. It
+/// sees every event, the device's own migrations included.
+struct SnapshotOps;
+impl MirrorOps for SnapshotOps {}
+
+/// How the faults of a read may treat the mmap lock.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LockMode {
+    /// Hold it across the fault, as `hmm_range_fault()` does.
+    Held,
+    /// Let the fault handler drop it (`hmm_range_fault_unlockable()`).
+    Droppable,
+}
+
+/// What a command asks of the address range `[start, end)`.
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    /// The span of `cmd`, checked as C does: `addr` page aligned and the
+    /// range not empty and not wrapping.
+    fn of(cmd: &HmmDmirrorCmd) -> Result<Self> {
+        let start = cmd.addr as usize;
+        // OVERFLOW: The shift drops high bits, as in C; the wrap check
+        // below rejects what is left.
+        let size = (cmd.npages << PAGE_SHIFT) as usize;
+        let end = start.wrapping_add(size);
+        if start % PAGE_SIZE != 0 || end <= start {
+            return Err(EINVAL);
+        }
+        Ok(Self { start, end })
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn pages(&self) -> u64 {
+        (self.len() >> PAGE_SHIFT) as u64
+    }
+}
+
+/// Per open file: the mirror of the opener's address space (C's `struct
+/// dmirror`).
+#[pin_data]
+pub(crate) struct DmirrorFile {
+    device: Device,
+    #[pin]
+    mirror: Mirror<FileMirrorOps>,
+    /// `HMM_DMIRROR_FLAGS`, consumed by migrations.
+    flags: AtomicU64,
+}
+
+#[vtable]
+impl MiscDevice for DmirrorFile {
+    type Ptr = Pin<KBox<Self>>;
+
+    fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
+        let device = Device::of(misc)?;
+        let task = kernel::current!();
+        let mm = task.mm().ok_or(EINVAL)?;
+        KBox::try_pin_init(
+            try_pin_init!(Self {
+                device,
+                mirror <- Mirror::new(
+                    mm,
+                    0,
+                    usize::MAX & !(PAGE_SIZE - 1),
+                    FileMirrorOps { owner: device.owner() },
+                ),
+                flags: AtomicU64::new(0),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    fn ioctl(me: Pin<&DmirrorFile>, _file: &File, command: u32, arg: usize) -> Result<isize> {
+        let (mut reader, mut writer) =
+            UserSlice::new(UserPtr::from_addr(arg), HMM_DMIRROR_CMD_SIZE).reader_writer();
+        let mut bytes = [0u8; HMM_DMIRROR_CMD_SIZE];
+        reader.read_slice(&mut bytes)?;
+        let mut cmd = HmmDmirrorCmd::from_ne_bytes(bytes);
+
+        let span = Span::of(&cmd)?;
+        cmd.cpages = 0;
+        cmd.faults = 0;
+
+        match command {
+            HMM_DMIRROR_READ => me.read(&mut cmd, &span, LockMode::Held)?,
+            HMM_DMIRROR_READ_UNLOCKABLE => me.read(&mut cmd, &span, LockMode::Droppable)?,
+            HMM_DMIRROR_WRITE => me.write(&mut cmd, &span)?,
+            HMM_DMIRROR_SNAPSHOT => me.snapshot(&mut cmd, &span)?,
+            HMM_DMIRROR_CHECK_EXCLUSIVE => me.check_exclusive(&span)?,
+            HMM_DMIRROR_FLAGS => me.flags.store(cmd.npages, Ordering::Relaxed),
+            // No device memory is allocated yet, so there is none to release.
+            HMM_DMIRROR_RELEASE => {}
+            // Device memory, migration and exclusive access are not ported yet.
+            HMM_DMIRROR_MIGRATE_TO_DEV | HMM_DMIRROR_MIGRATE_TO_SYS | HMM_DMIRROR_EXCLUSIVE => {
+                return Err(EOPNOTSUPP)
+            }
+            _ => return Err(EINVAL),
+        }
+
+        writer.write_slice(&cmd.to_ne_bytes())?;
+        Ok(0)
+    }
+
+    fn mmap(_me: Pin<&DmirrorFile>, _file: &File, vma: &VmaNew) -> Result {
+        // A zeroed page per page, as C does; the `mixedmap` test snapshots
+        // such a mapping.
+        let vma = vma.set_mixedmap();
+        for addr in (vma.start()..vma.end()).step_by(PAGE_SIZE) {
+            let page = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+            vma.vm_insert_page(addr, &page)?;
+        }
+        Ok(())
+    }
+}
+
+impl DmirrorFile {
+    /// The mirrored address space, kept alive for a command.
+    fn mm(&self) -> Result<ARef<MmWithUser>> {
+        self.mirror.mm().mmget_not_zero().ok_or(EFAULT)
+    }
+
+    /// READ and READ_UNLOCKABLE: copy what the device sees at `span` to the
+    /// user buffer, faulting in what it does not map yet.
+    fn read(&self, cmd: &mut HmmDmirrorCmd, span: &Span, mode: LockMode) -> Result {
+        let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
+        let mut addr = span.start;
+        loop {
+            {
+                let table = self.mirror.lock();
+                while addr < span.end && table.read_page(addr >> PAGE_SHIFT, &mut bounce)? {
+                    addr += PAGE_SIZE;
+                }
+            }
+            if addr == span.end {
+                break;
+            }
+            self.fault(addr, span.end, Request::Read, mode)?;
+            cmd.faults += 1;
+        }
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
+            .writer()
+            .write_slice(&bounce)?;
+        cmd.cpages = span.pages();
+        Ok(())
+    }
+
+    /// WRITE: copy the user buffer to `span` through the device, faulting
+    /// pages in writable.
+    fn write(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
+        let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
+            .reader()
+            .read_all(&mut bounce, GFP_KERNEL)?;
+        let (pages, _) = bounce.as_chunks::<PAGE_SIZE>();
+        let mut addr = span.start;
+        loop {
+            {
+                let table = self.mirror.lock();
+                while addr < span.end
+                    && table.write_page(
+                        addr >> PAGE_SHIFT,
+                        &pages[(addr - span.start) >> PAGE_SHIFT],
+                    )
+                {
+                    addr += PAGE_SIZE;
+                }
+            }
+            if addr == span.end {
+                break;
+            }
+            self.fault(addr, span.end, Request::Write, LockMode::Held)?;
+            cmd.faults += 1;
+        }
+        cmd.cpages = span.pages();
+        Ok(())
+    }
+
+    /// Faults `[start, end)` into the device page table, a window at a time.
+    fn fault(&self, start: usize, end: usize, request: Request, mode: LockMode) -> Result {
+        let mm = self.mm()?;
+        let mut range =
+            HmmRange::<_, WINDOW_PAGES>::new(&self.mirror, request, Some(self.device.owner()));
+        let mut addr = start;
+        while addr < end {
+            let next = end.min(addr + WINDOW_PAGES * PAGE_SIZE);
+            range.set_window(addr, next)?;
+            match mode {
+                LockMode::Held => fault_window(&mut range, &mm)?,
+                LockMode::Droppable => fault_window_unlockable(&mut range, &mm)?,
+            }
+            addr = next;
+        }
+        Ok(())
+    }
+
+    /// SNAPSHOT: one `HMM_DMIRROR_PROT_*` byte per page of `span`, without
+    /// faulting anything in.
+    fn snapshot(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
+        let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
+        let mut out =
+            UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.pages() as usize).writer();
+        let owner = self.device.owner();
+        let mut perms = [0u8; WINDOW_PAGES];
+        let mut addr = span.start;
+        while addr < span.end {
+            let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
+            let n = (next - addr) >> PAGE_SHIFT;
+            // A notifier of its own over the window sees the device's own
+            // migrations too, which the file's mirror ignores.
+            stack_try_pin_init!(let window =? Mirror::new(&mm, addr, next - addr, SnapshotOps));
+            let mut range =
+                HmmRange::<_, WINDOW_PAGES>::new(&window, Request::Snapshot, Some(owner));
+            range.set_window(addr, next)?;
+            retry_until_valid(&mut range, &mm, |range| {
+                let Some(locked) = range.lock_if_valid() else {
+                    return Ok(false);
+                };
+                for (perm, (_, pfn)) in perms.iter_mut().zip(locked.pfns()) {
+                    *perm = prot_byte(&pfn, owner);
+                }
+                Ok(true)
+            })?;
+            out.write_slice(&perms[..n])?;
+            cmd.cpages += n as u64;
+            addr = next;
+        }
+        Ok(())
+    }
+
+    /// CHECK_EXCLUSIVE: `EPERM` while the device still has exclusive access
+    /// to a page of `span`.
+    fn check_exclusive(&self, span: &Span) -> Result {
+        let table = self.mirror.lock();
+        if table.any_with_access(
+            span.start >> PAGE_SHIFT,
+            (span.end >> PAGE_SHIFT) - 1,
+            MirroredAccess::Atomic,
+        ) {
+            return Err(EPERM);
+        }
+        Ok(())
+    }
+}
+
+/// Faults one window into the device page table with the mmap lock held.
+/// Invalidated attempts retry for at most `RANGE_TIMEOUT_MS`, as in C.
+fn fault_window(range: &mut HmmRange<'_, FileMirrorOps, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
+    retry_until_valid(range, mm, store_window)
+}
+
+/// Runs attempts of `range` until `finish` accepts one: begin, fault with
+/// the mmap lock held, unlock, then `finish` (which returns `false` when an
+/// invalidation made the attempt stale). Gives up with `EBUSY` after
+/// `RANGE_TIMEOUT_MS`.
+fn retry_until_valid<T: MirrorOps>(
+    range: &mut HmmRange<'_, T, WINDOW_PAGES>,
+    mm: &MmWithUser,
+    mut finish: impl FnMut(&HmmRange<'_, T, WINDOW_PAGES>) -> Result<bool>,
+) -> Result {
+    let started = Instant::<Monotonic>::now();
+    loop {
+        if started.elapsed() > Delta::from_millis(RANGE_TIMEOUT_MS) {
+            return Err(EBUSY);
+        }
+        let lock = range.begin(mm)?;
+        let faulted = range.fault(&lock);
+        drop(lock);
+        match faulted {
+            Err(e) if e == EBUSY => continue,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        if finish(range)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Faults one window with `hmm_range_fault_unlockable()`, so that a fault
+/// handler (userfaultfd) may drop the mmap lock. Every lost lock or
+/// invalidation starts a new attempt with a new sequence, for as long as it
+/// takes, as C's `READ_UNLOCKED` does; a fatal signal ends it with `EINTR`.
+fn fault_window_unlockable(
+    range: &mut HmmRange<'_, FileMirrorOps, WINDOW_PAGES>,
+    mm: &MmWithUser,
+) -> Result {
+    loop {
+        if hmm::fatal_signal_pending() {
+            return Err(EINTR);
+        }
+        let lock = range.begin(mm)?;
+        let (faulted, lock) = range.fault_unlockable(lock);
+        drop(lock);
+        match faulted {
+            Err(e) if e == EBUSY => continue,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        if store_window(range)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Stores a faulted window in the device page table, unless an
+/// invalidation made it stale (then returns `false`).
+fn store_window(range: &HmmRange<'_, FileMirrorOps, WINDOW_PAGES>) -> Result<bool> {
+    let Some(locked) = range.lock_if_valid() else {
+        return Ok(false);
+    };
+    for (index, pfn) in locked.pfns() {
+        locked.table().store(index, &pfn)?;
+    }
+    Ok(true)
+}
+
+/// The SNAPSHOT byte for one page (C's `dmirror_mkentry`).
+fn prot_byte(pfn: &ValidPfn<'_>, owner: Owner) -> u8 {
+    if pfn.is_error() {
+        return HMM_DMIRROR_PROT_ERROR;
+    }
+    let Some(kind) = pfn.page_kind() else {
+        return HMM_DMIRROR_PROT_NONE;
+    };
+    let mut perm = match kind {
+        PageKind::DevicePrivate(Some(o)) if o == owner => HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL,
+        PageKind::DevicePrivate(_) => HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE,
+        PageKind::DeviceCoherent(Some(o)) if o == owner => HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
+        PageKind::DeviceCoherent(_) => HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
+        PageKind::Zero => HMM_DMIRROR_PROT_ZERO,
+        PageKind::System => HMM_DMIRROR_PROT_NONE,
+    };
+    perm |= if pfn.is_writable() {
+        HMM_DMIRROR_PROT_WRITE
+    } else {
+        HMM_DMIRROR_PROT_READ
+    };
+    match pfn.map_shift() {
+        PMD_SHIFT => perm | HMM_DMIRROR_PROT_PMD,
+        PUD_SHIFT => perm | HMM_DMIRROR_PROT_PUD,
+        _ => perm,
+    }
+}

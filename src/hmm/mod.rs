@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Safe abstractions for HMM address-space mirroring.
+//!
+//! C headers: [`include/linux/hmm.h`](srctree/include/linux/hmm.h),
+//! [`include/linux/mmu_notifier.h`](srctree/include/linux/mmu_notifier.h).
+//!
+//! A device that mirrors a process address space keeps a device page table
+//! coherent with the CPU's. The pieces, as in `Documentation/mm/hmm.rst`:
+//!
+//! - [`Mirror`]: an mmu interval notifier, the device page table it keeps
+//!   coherent and the driver lock that serializes the two. Invalidations
+//!   bump the notifier sequence and clear the table under that lock.
+//! - [`HmmRange`]: a window of the address space to fault or snapshot with
+//!   `hmm_range_fault()`, and the retry protocol around it.
+//! - [`MmapReadGuard`]: the mmap read lock, as a value that the lock-drop
+//!   path ([`HmmRange::fault_unlockable`]) consumes and gives back only if
+//!   the lock is still held.
+//!
+//! This module is the only place of the crate with `unsafe` code.
+
+mod mirror;
+mod mmap_lock;
+mod page_table;
+mod range;
+
+pub use mirror::{Event, Invalidation, Mirror, MirrorGuard, MirrorOps, Seq};
+pub use mmap_lock::MmapReadGuard;
+pub use page_table::{DevicePageTable, MirroredAccess};
+pub use range::{HmmRange, LockedRange, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT};
+
+use kernel::{bindings, ffi::c_void};
+
+/// An identity for device memory: the `owner` of a `dev_pagemap`, of a
+/// migration, or of an mmu notifier event.
+///
+/// It is only ever compared, never dereferenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner(usize);
+
+impl Owner {
+    /// The identity of a `'static` object, for example a per-device static.
+    pub fn of<T>(object: &'static T) -> Self {
+        Owner(core::ptr::from_ref(object) as usize)
+    }
+
+    fn from_ptr(ptr: *mut c_void) -> Option<Self> {
+        (!ptr.is_null()).then_some(Owner(ptr as usize))
+    }
+
+    fn as_ptr(self) -> *mut c_void {
+        self.0 as *mut c_void
+    }
+}
+
+/// Whether the current task has a fatal signal pending: a fault loop that
+/// may retry for ever checks this to return `EINTR` instead.
+pub fn fatal_signal_pending() -> bool {
+    // SAFETY: `current` is valid in the process context that calls this.
+    unsafe { bindings::fatal_signal_pending(bindings::get_current()) != 0 }
+}

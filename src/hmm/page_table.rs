@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The device page table: which CPU pages the device currently maps.
+
+use super::ValidPfn;
+use core::ptr::NonNull;
+use kernel::{
+    alloc::{Allocator, Vec},
+    bindings,
+    ffi::{c_ulong, c_void},
+    page::PAGE_SIZE,
+    prelude::*,
+    types::Opaque, //
+};
+
+/// How the device may access a mirrored page. The values are the XArray
+/// pointer tags `lib/test_hmm.c` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MirroredAccess {
+    /// Read-only.
+    Read = 0,
+    /// Exclusive (atomic) access: the CPU mapping was replaced.
+    Atomic = 1,
+    /// Read and write.
+    Write = 3,
+}
+
+/// A device page table: page frame index (virtual address >> `PAGE_SHIFT`)
+/// to the `struct page` mapped there and the device's access to it.
+///
+/// It holds no page references, as a device page table would not: the
+/// [`Mirror`](super::Mirror) that owns it clears an address range before
+/// the CPU unmaps it, and is the only way to reach the table.
+///
+/// # Invariants
+///
+/// - `xa` is an initialized XArray whose entries are `struct page` pointers
+///   tagged with a [`MirroredAccess`].
+/// - Every page in it stays allocated while it is in the table: entries
+///   come from [`ValidPfn`]s, and the owning mirror erases them when the CPU
+///   mapping is invalidated, under the lock that guards the table.
+#[pin_data(PinnedDrop)]
+pub struct DevicePageTable {
+    #[pin]
+    xa: Opaque<bindings::xarray>,
+}
+
+// SAFETY: The XArray has its own lock, and the pages it points to are not
+// tied to a thread.
+unsafe impl Send for DevicePageTable {}
+// SAFETY: All XArray operations take its internal lock.
+unsafe impl Sync for DevicePageTable {}
+
+impl DevicePageTable {
+    /// Creates an empty table.
+    pub fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            // SAFETY: `xa_init_flags` initializes the XArray at `xa`.
+            xa <- Opaque::ffi_init(|xa| unsafe { bindings::xa_init_flags(xa, 0) }),
+        })
+    }
+
+    fn load(&self, index: usize) -> Option<(NonNull<bindings::page>, MirroredAccess)> {
+        // SAFETY: `self.xa` is initialized; `xa_load` takes the RCU read lock.
+        let entry = unsafe { bindings::xa_load(self.xa.get(), index) };
+        // SAFETY: Untagging only masks the low bits of the entry.
+        let page = NonNull::new(unsafe { bindings::xa_untag_pointer(entry) }.cast())?;
+        // SAFETY: Reading the tag only looks at the low bits of the entry.
+        let access = match unsafe { bindings::xa_pointer_tag(entry) } {
+            0 => MirroredAccess::Read,
+            1 => MirroredAccess::Atomic,
+            _ => MirroredAccess::Write,
+        };
+        Some((page, access))
+    }
+
+    /// The device's access to the page at `index`, if it maps one.
+    pub fn access(&self, index: usize) -> Option<MirroredAccess> {
+        self.load(index).map(|(_, access)| access)
+    }
+
+    /// Maps the page of `pfn` at `index`, writable if the CPU maps it so.
+    /// Fails with `EFAULT` if `pfn` has no page.
+    pub fn store(&self, index: usize, pfn: &ValidPfn<'_>) -> Result {
+        let page = pfn.page_ptr().ok_or(EFAULT)?;
+        let access = if pfn.is_writable() {
+            MirroredAccess::Write
+        } else {
+            MirroredAccess::Read
+        };
+        self.store_page(index, page, access)
+    }
+
+    fn store_page(
+        &self,
+        index: usize,
+        page: NonNull<bindings::page>,
+        access: MirroredAccess,
+    ) -> Result {
+        // SAFETY: Tagging only sets the low bits of the (aligned) page pointer.
+        let entry = unsafe { bindings::xa_tag_pointer(page.as_ptr().cast(), access as c_ulong) };
+        // GFP_ATOMIC, as in C: the lock around the table is also taken by
+        // invalidations that memory reclaim may start.
+        // SAFETY: `self.xa` is initialized. INVARIANT: `page` comes from a
+        // `ValidPfn`, so it is valid until the mirror erases it.
+        let old = unsafe { bindings::xa_store(self.xa.get(), index, entry, bindings::GFP_ATOMIC) };
+        // SAFETY: `xa_err` only decodes the entry.
+        kernel::error::to_result(unsafe { bindings::xa_err(old) })
+    }
+
+    /// Appends a copy of the page at `index` to `dst`, which must have
+    /// room for it: this runs under the mirror's lock, which reclaim may
+    /// need, so it does not allocate. Returns `false`, and leaves `dst`
+    /// alone, if the device maps no page there.
+    pub fn read_page<A: Allocator>(&self, index: usize, dst: &mut Vec<u8, A>) -> Result<bool> {
+        let Some((page, _)) = self.load(index) else {
+            return Ok(false);
+        };
+        let spare = dst.spare_capacity_mut();
+        if spare.len() < PAGE_SIZE {
+            return Err(ENOMEM);
+        }
+        // SAFETY: By the type invariant `page` is allocated while it is in
+        // the table, and the caller's borrow of the table holds the lock
+        // that erasing takes. `spare` has room for `PAGE_SIZE` bytes.
+        unsafe { bindings::memcpy_from_page(spare.as_mut_ptr().cast(), page.as_ptr(), 0, PAGE_SIZE) };
+        // SAFETY: The `PAGE_SIZE` bytes past the old length were just written.
+        unsafe { dst.inc_len(PAGE_SIZE) };
+        Ok(true)
+    }
+
+    /// Copies `src` (one page) into the page at `index`. Returns `false` if
+    /// the device maps no page there, or maps it without write access.
+    pub fn write_page(&self, index: usize, src: &[u8; PAGE_SIZE]) -> bool {
+        match self.load(index) {
+            Some((page, MirroredAccess::Write)) => {
+                // SAFETY: As in `read_page`, `page` is allocated; `src` is
+                // one page long.
+                unsafe {
+                    bindings::memcpy_to_page(page.as_ptr(), 0, src.as_ptr().cast(), PAGE_SIZE)
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether any page in `first..=last` is mapped with `access`. Visits
+    /// present entries only, so a huge span costs what the table holds.
+    pub fn any_with_access(&self, first: usize, last: usize, access: MirroredAccess) -> bool {
+        let mut found = false;
+        self.for_each_present(first, last, |_, entry| {
+            // SAFETY: Reading the tag only looks at the low bits of the entry.
+            found = unsafe { bindings::xa_pointer_tag(entry) } == access as u32;
+            !found
+        });
+        found
+    }
+
+    /// Calls `f(index, entry)` for the present entries in `first..=last`,
+    /// in index order, while it returns `true`.
+    fn for_each_present(
+        &self,
+        first: usize,
+        last: usize,
+        mut f: impl FnMut(usize, *mut c_void) -> bool,
+    ) {
+        let mut index = first as c_ulong;
+        // SAFETY: `self.xa` is initialized; `xa_find` takes the RCU read lock.
+        let mut entry = unsafe {
+            bindings::xa_find(
+                self.xa.get(),
+                &mut index,
+                last as c_ulong,
+                bindings::XA_PRESENT,
+            )
+        };
+        while !entry.is_null() && f(index as usize, entry) {
+            // SAFETY: As above.
+            entry = unsafe {
+                bindings::xa_find_after(
+                    self.xa.get(),
+                    &mut index,
+                    last as c_ulong,
+                    bindings::XA_PRESENT,
+                )
+            };
+        }
+    }
+
+    /// Erases the entries for indices `first..=last`.
+    pub(super) fn erase(&self, first: usize, last: usize) {
+        self.for_each_present(first, last, |index, _| {
+            // SAFETY: `self.xa` is initialized. The table holds no page
+            // references, so dropping the entry needs nothing else.
+            unsafe { bindings::xa_erase(self.xa.get(), index) };
+            true
+        });
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for DevicePageTable {
+    fn drop(self: Pin<&mut Self>) {
+        // SAFETY: `self.xa` is initialized and no longer used after this.
+        unsafe { bindings::xa_destroy(self.xa.get()) };
+    }
+}

@@ -1,0 +1,296 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! `hmm_range_fault()` over a window of a [`Mirror`].
+
+use super::{mirror::Seq, DevicePageTable, Mirror, MirrorGuard, MirrorOps, MmapReadGuard, Owner};
+use core::{marker::PhantomData, ptr::NonNull};
+use kernel::{
+    bindings,
+    error::to_result,
+    ffi::{c_int, c_ulong},
+    mm::MmWithUser,
+    page::{PAGE_SHIFT, PAGE_SIZE},
+    prelude::*, //
+};
+
+/// What a fault asks of every page of the range (`default_flags`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Fault nothing: report the CPU page tables as they are.
+    Snapshot,
+    /// Fault pages in readable.
+    Read,
+    /// Fault pages in writable.
+    Write,
+}
+
+impl Request {
+    fn default_flags(self) -> c_ulong {
+        match self {
+            Request::Snapshot => 0,
+            Request::Read => bindings::hmm_pfn_flags_HMM_PFN_REQ_FAULT,
+            Request::Write => {
+                bindings::hmm_pfn_flags_HMM_PFN_REQ_FAULT
+                    | bindings::hmm_pfn_flags_HMM_PFN_REQ_WRITE
+            }
+        }
+    }
+}
+
+/// A window of at most `N` pages of a [`Mirror`]'s address space, with the
+/// `hmm_range_fault()` output for it.
+///
+/// One attempt goes [`begin`](Self::begin) (new notifier sequence, then the
+/// mmap read lock), [`fault`](Self::fault) or
+/// [`fault_unlockable`](Self::fault_unlockable), drop the mmap lock, then
+/// [`lock_if_valid`](Self::lock_if_valid); any `EBUSY` or `None` on the way
+/// means: start a new attempt.
+pub struct HmmRange<'m, T: MirrorOps, const N: usize> {
+    mirror: &'m Mirror<T>,
+    start: usize,
+    end: usize,
+    request: Request,
+    owner: Option<Owner>,
+    seq: Option<Seq>,
+    pfns: [c_ulong; N],
+}
+
+impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
+    /// A range over `mirror` that asks `request` of every page. Device
+    /// private pages of `owner` are reported as they are rather than
+    /// faulted back to system memory.
+    pub fn new(mirror: &'m Mirror<T>, request: Request, owner: Option<Owner>) -> Self {
+        Self {
+            mirror,
+            start: 0,
+            end: 0,
+            request,
+            owner,
+            seq: None,
+            pfns: [0; N],
+        }
+    }
+
+    /// Moves the window to `[start, end)`: page aligned, not empty, at most
+    /// `N` pages.
+    pub fn set_window(&mut self, start: usize, end: usize) -> Result {
+        if start % PAGE_SIZE != 0
+            || end % PAGE_SIZE != 0
+            || start >= end
+            || (end - start) / PAGE_SIZE > N
+        {
+            return Err(EINVAL);
+        }
+        self.start = start;
+        self.end = end;
+        self.seq = None;
+        Ok(())
+    }
+
+    /// Start of the window.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// End (exclusive) of the window.
+    pub fn end(&self) -> usize {
+        self.end
+    }
+
+    /// Starts an attempt: takes a new notifier sequence, then the mmap read
+    /// lock of `mm`, which must be the mirrored address space. Fails with
+    /// `EINTR` if a fatal signal arrives while waiting for the lock.
+    pub fn begin<'a>(&mut self, mm: &'a MmWithUser) -> Result<MmapReadGuard<'a>> {
+        if !core::ptr::eq(mm.as_raw(), self.mirror.mm().as_raw()) {
+            return Err(EINVAL);
+        }
+        // Before the mmap lock: `read_begin` may wait for invalidations.
+        self.seq = Some(self.mirror.read_begin());
+        MmapReadGuard::lock_killable(mm)
+    }
+
+    fn raw(&mut self, lock: &MmapReadGuard<'_>) -> Result<bindings::hmm_range> {
+        let seq = self.seq.ok_or(EINVAL)?;
+        if self.start == self.end || !core::ptr::eq(lock.mm().as_raw(), self.mirror.mm().as_raw()) {
+            return Err(EINVAL);
+        }
+        Ok(bindings::hmm_range {
+            notifier: self.mirror.as_raw(),
+            notifier_seq: seq.0,
+            start: self.start as c_ulong,
+            end: self.end as c_ulong,
+            hmm_pfns: self.pfns.as_mut_ptr(),
+            default_flags: self.request.default_flags(),
+            pfn_flags_mask: 0,
+            dev_private_owner: self.owner.map_or(core::ptr::null_mut(), Owner::as_ptr),
+        })
+    }
+
+    /// `hmm_range_fault()`: fills the window's pfns, faulting pages in as
+    /// the request asks. `EBUSY` means the attempt must start over.
+    pub fn fault(&mut self, lock: &MmapReadGuard<'_>) -> Result {
+        let mut range = self.raw(lock)?;
+        // SAFETY: `range` points at this window's pfns (room for its pages),
+        // `self.mirror`'s live notifier and the sequence `begin` took. The
+        // mmap read lock of the notifier's mm is held, as `raw` checked.
+        to_result(unsafe { bindings::hmm_range_fault(&mut range) })
+    }
+
+    /// `hmm_range_fault_unlockable()`: like [`fault`](Self::fault), but the
+    /// fault handler may drop the mmap lock (userfaultfd does, to wait for
+    /// its handler). The lock is moved in and given back only if it is
+    /// still held:
+    ///
+    /// | result   | lock returned | meaning                                  |
+    /// |----------|---------------|------------------------------------------|
+    /// | `Ok`     | yes           | done                                     |
+    /// | `EBUSY`  | yes           | range invalidated: start over            |
+    /// | `EBUSY`  | no            | a fault dropped the lock: start over     |
+    /// | `EINTR`  | no            | a fatal signal is pending                |
+    /// | other    | yes           | failed, as [`fault`](Self::fault) would  |
+    pub fn fault_unlockable<'a>(
+        &mut self,
+        lock: MmapReadGuard<'a>,
+    ) -> (Result, Option<MmapReadGuard<'a>>) {
+        let mut range = match self.raw(&lock) {
+            Ok(range) => range,
+            Err(e) => return (Err(e), Some(lock)),
+        };
+        let mut locked: c_int = 1;
+        // SAFETY: As in `fault`; `locked` is 1 because the lock is held.
+        let ret = unsafe { bindings::hmm_range_fault_unlockable(&mut range, &mut locked) };
+        if locked != 0 {
+            (to_result(ret), Some(lock))
+        } else {
+            // The fault handler released the lock; it must not be released twice.
+            lock.forget_released();
+            (to_result(ret), None)
+        }
+    }
+
+    /// Takes the mirror's lock and returns the result of the attempt with
+    /// it, unless an invalidation hit the mirror since [`begin`](Self::begin).
+    pub fn lock_if_valid(&self) -> Option<LockedRange<'_, 'm, T, N>> {
+        let seq = self.seq?;
+        let guard = self.mirror.lock();
+        if guard.has_changed(seq) {
+            return None;
+        }
+        Some(LockedRange { range: self, guard })
+    }
+}
+
+/// The output of a successful attempt, with the mirror's lock that keeps
+/// it valid.
+pub struct LockedRange<'r, 'm, T: MirrorOps, const N: usize> {
+    range: &'r HmmRange<'m, T, N>,
+    guard: MirrorGuard<'m, T>,
+}
+
+impl<T: MirrorOps, const N: usize> LockedRange<'_, '_, T, N> {
+    /// The mirror's device page table.
+    pub fn table(&self) -> &DevicePageTable {
+        &self.guard
+    }
+
+    /// The window's pages, in address order, as (virtual page number, pfn).
+    pub fn pfns(&self) -> impl Iterator<Item = (usize, ValidPfn<'_>)> + '_ {
+        let first = self.range.start >> PAGE_SHIFT;
+        let count = (self.range.end - self.range.start) >> PAGE_SHIFT;
+        self.range.pfns[..count]
+            .iter()
+            .enumerate()
+            .map(move |(i, &raw)| {
+                (
+                    first + i,
+                    ValidPfn {
+                        raw,
+                        _lock: PhantomData,
+                    },
+                )
+            })
+    }
+}
+
+/// What kind of page a valid pfn refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageKind {
+    /// Ordinary system memory.
+    System,
+    /// The shared zero page.
+    Zero,
+    /// A device-private page; the owner of its pagemap.
+    DevicePrivate(Option<Owner>),
+    /// A device-coherent page; the owner of its pagemap.
+    DeviceCoherent(Option<Owner>),
+}
+
+/// One `hmm_range_fault()` output entry, readable while the mirror's lock
+/// that made it valid is held.
+///
+/// # Invariants
+///
+/// If `raw` has `HMM_PFN_VALID`, it names a page that stays allocated for
+/// `'a`: the mirror's lock is held and no invalidation has run since the
+/// range was faulted, so the CPU still maps the page.
+pub struct ValidPfn<'a> {
+    raw: c_ulong,
+    _lock: PhantomData<&'a ()>,
+}
+
+impl ValidPfn<'_> {
+    /// Whether a page is present (`HMM_PFN_VALID`).
+    pub fn is_valid(&self) -> bool {
+        self.raw & bindings::hmm_pfn_flags_HMM_PFN_VALID != 0
+    }
+
+    /// Whether the page is writable (`HMM_PFN_WRITE`).
+    pub fn is_writable(&self) -> bool {
+        self.raw & bindings::hmm_pfn_flags_HMM_PFN_WRITE != 0
+    }
+
+    /// Whether the address cannot be mirrored (`HMM_PFN_ERROR`).
+    pub fn is_error(&self) -> bool {
+        self.raw & bindings::hmm_pfn_flags_HMM_PFN_ERROR != 0
+    }
+
+    /// log2 of the size of the CPU mapping of the page: `PAGE_SHIFT`, or
+    /// `PMD_SHIFT`/`PUD_SHIFT` for huge mappings.
+    pub fn map_shift(&self) -> u32 {
+        // SAFETY: Decoding only looks at the flag bits of the value.
+        let order = unsafe { bindings::hmm_pfn_to_map_order(self.raw) };
+        order + PAGE_SHIFT as u32
+    }
+
+    pub(super) fn page_ptr(&self) -> Option<NonNull<bindings::page>> {
+        if !self.is_valid() || self.is_error() {
+            return None;
+        }
+        // SAFETY: The pfn is valid, so it names a page with a memmap entry.
+        NonNull::new(unsafe { bindings::hmm_pfn_to_page(self.raw) })
+    }
+
+    /// The kind of page present, if any.
+    pub fn page_kind(&self) -> Option<PageKind> {
+        let page = self.page_ptr()?.as_ptr();
+        // SAFETY: By the type invariant `page` is allocated for `'_`. A
+        // ZONE_DEVICE page always has a pagemap, live while its pages are.
+        let kind = unsafe {
+            if bindings::is_device_private_page(page) {
+                PageKind::DevicePrivate(Owner::from_ptr((*bindings::page_pgmap(page)).owner))
+            } else if bindings::is_device_coherent_page(page) {
+                PageKind::DeviceCoherent(Owner::from_ptr((*bindings::page_pgmap(page)).owner))
+            } else if bindings::is_zero_pfn(bindings::page_to_pfn(page)) != 0 {
+                PageKind::Zero
+            } else {
+                PageKind::System
+            }
+        };
+        Some(kind)
+    }
+}
+
+/// `PMD_SHIFT`, for [`ValidPfn::map_shift`].
+pub const PMD_SHIFT: u32 = bindings::PMD_SHIFT;
+/// `PUD_SHIFT`, for [`ValidPfn::map_shift`].
+pub const PUD_SHIFT: u32 = bindings::PUD_SHIFT;

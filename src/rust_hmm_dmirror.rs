@@ -1,0 +1,78 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A Rust port of `lib/test_hmm.c`: a pseudo device that mirrors the
+//! address space of the process that opens it through HMM, the way a GPU
+//! driver would.
+//!
+//! `/dev/hmm_dmirror0` and `/dev/hmm_dmirror1` have device-private memory;
+//! `/dev/hmm_dmirror2` and `/dev/hmm_dmirror3`, device-coherent memory, and
+//! exist only when both `spm_addr_dev0` and `spm_addr_dev1` are given. The
+//! ioctl ABI is upstream's (`uapi/hmm_dmirror_uapi.h`), so the upstream
+//! `hmm-tests` drive this module as they drive `test_hmm.ko`.
+//!
+//! The driver reaches HMM only through the safe wrappers in [`hmm`].
+
+use kernel::{
+    c_str,
+    miscdevice::{MiscDeviceOptions, MiscDeviceRegistration},
+    prelude::*, //
+};
+
+pub mod hmm;
+#[path = "../uapi/src/abi.rs"]
+pub mod uapi;
+
+mod device;
+mod file;
+
+use device::DeviceKind;
+use file::DmirrorFile;
+
+module! {
+    type: DmirrorModule,
+    name: "rust_hmm_dmirror",
+    authors: ["Rust dmirror maintainers"],
+    description: "HMM test driver (lib/test_hmm.c) in Rust",
+    license: "GPL",
+    params: {
+        spm_addr_dev0: u64 {
+            default: 0,
+            description: "Start address of the special purpose memory of device 0. Setting it and spm_addr_dev1 adds the device-coherent devices 2 and 3.",
+        },
+        spm_addr_dev1: u64 {
+            default: 0,
+            description: "Start address of the special purpose memory of device 1. See spm_addr_dev0.",
+        },
+    },
+}
+
+const DEVICE_NAMES: [&CStr; device::MAX_DEVICES] = [
+    c_str!("hmm_dmirror0"),
+    c_str!("hmm_dmirror1"),
+    c_str!("hmm_dmirror2"),
+    c_str!("hmm_dmirror3"),
+];
+
+struct DmirrorModule {
+    _devices: KVec<Pin<KBox<MiscDeviceRegistration<DmirrorFile>>>>,
+}
+
+impl kernel::Module for DmirrorModule {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let coherent = module_parameters::spm_addr_dev0.value() != 0
+            && module_parameters::spm_addr_dev1.value() != 0;
+        let mut devices = KVec::new();
+        for (id, name) in DEVICE_NAMES.iter().enumerate() {
+            if DeviceKind::of(id) == DeviceKind::Coherent && !coherent {
+                break;
+            }
+            let registration = KBox::pin_init(
+                MiscDeviceRegistration::register(MiscDeviceOptions { name }),
+                GFP_KERNEL,
+            )?;
+            devices.push(registration, GFP_KERNEL)?;
+        }
+        pr_info!("{} devices, coherent: {}\n", devices.len(), coherent);
+        Ok(Self { _devices: devices })
+    }
+}
