@@ -1,0 +1,41 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# The project's entry points. The kernel module itself is built by Kbuild
+# (see Kbuild); this Makefile only drives the scripts.
+#
+#   make setup       install the toolchain (as root, idempotent)
+#   make kernel      build the patched kernel, test_hmm.ko and hmm-tests
+#   make             build the Rust module (rust_hmm_dmirror.ko)
+#   make selftests   build the userspace selftest
+#   make demo        run the demo in a VM
+#   make check       set up, build and run every test
+#   make rust-analyzer   write rust-project.json for the module
+
+.PHONY: all module setup kernel selftests demo check rust-analyzer clean
+
+all: module
+
+setup:
+	@if [ "$$(id -u)" = 0 ]; then scripts/setup; else sudo scripts/setup; fi
+
+kernel:
+	scripts/build-kernel
+
+module:
+	scripts/build-module
+
+selftests:
+	cargo build --release --locked -p hmm-dmirror-selftests
+
+demo:
+	scripts/demo
+
+check:
+	scripts/check
+
+rust-analyzer:
+	scripts/build-module rust-analyzer
+
+clean:
+	-scripts/build-module clean
+	cargo clean
