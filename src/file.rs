@@ -12,7 +12,6 @@ use crate::{
     uapi::*,
 };
 use core::sync::atomic::{AtomicU64, Ordering};
-use pin_init::stack_try_pin_init;
 use kernel::{
     alloc::{flags::__GFP_NOWARN, VVec},
     fs::File,
@@ -24,6 +23,7 @@ use kernel::{
     time::{Delta, Instant, Monotonic},
     uaccess::{UserPtr, UserSlice},
 };
+use pin_init::stack_try_pin_init;
 
 /// Pages per `hmm_range_fault()` call, as in C.
 const WINDOW_PAGES: usize = 32;

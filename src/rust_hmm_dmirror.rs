@@ -26,6 +26,18 @@ mod device;
 mod file;
 
 use device::DeviceKind;
+
+// The uapi crate encodes ioctl numbers by hand for userspace; check it
+// against the kernel's own `_IOWR` for every command.
+const _: () = {
+    let mut nr = 0;
+    while nr <= 9 {
+        assert!(
+            uapi::dmirror_iowr(nr) == kernel::ioctl::_IOWR::<uapi::HmmDmirrorCmd>(b'H' as u32, nr)
+        );
+        nr += 1;
+    }
+};
 use file::DmirrorFile;
 
 module! {

@@ -136,7 +136,12 @@ impl<T: MirrorOps> Mirror<T> {
 
     /// Mirrors `[start, start + length)` of `mm`. The notifier is live, and
     /// may be called, as soon as this initializer has run.
-    pub fn new(mm: &MmWithUser, start: usize, length: usize, ops: T) -> impl PinInit<Self, Error> + use<'_, T> {
+    pub fn new(
+        mm: &MmWithUser,
+        start: usize,
+        length: usize,
+        ops: T,
+    ) -> impl PinInit<Self, Error> + use<'_, T> {
         try_pin_init!(Self {
             ops,
             table <- new_mutex!(DevicePageTable::new(), "Mirror::table"),

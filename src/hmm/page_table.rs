@@ -124,7 +124,9 @@ impl DevicePageTable {
         // SAFETY: By the type invariant `page` is allocated while it is in
         // the table, and the caller's borrow of the table holds the lock
         // that erasing takes. `spare` has room for `PAGE_SIZE` bytes.
-        unsafe { bindings::memcpy_from_page(spare.as_mut_ptr().cast(), page.as_ptr(), 0, PAGE_SIZE) };
+        unsafe {
+            bindings::memcpy_from_page(spare.as_mut_ptr().cast(), page.as_ptr(), 0, PAGE_SIZE)
+        };
         // SAFETY: The `PAGE_SIZE` bytes past the old length were just written.
         unsafe { dst.inc_len(PAGE_SIZE) };
         Ok(true)

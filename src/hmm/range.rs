@@ -53,6 +53,8 @@ pub struct HmmRange<'m, T: MirrorOps, const N: usize> {
     owner: Option<Owner>,
     seq: Option<Seq>,
     pfns: [c_ulong; N],
+    /// Per-page requests on top of `request`, if any (`pfn_flags_mask`).
+    page_requests: Option<[c_ulong; N]>,
 }
 
 impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
@@ -68,6 +70,7 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
             owner,
             seq: None,
             pfns: [0; N],
+            page_requests: None,
         }
     }
 
@@ -84,6 +87,18 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
         self.start = start;
         self.end = end;
         self.seq = None;
+        self.page_requests = None;
+        Ok(())
+    }
+
+    /// Asks `request` of the page at `addr` in addition to what the range
+    /// asks of every page, until the window moves.
+    pub fn request_page(&mut self, addr: usize, request: Request) -> Result {
+        if addr < self.start || addr >= self.end {
+            return Err(EINVAL);
+        }
+        let requests = self.page_requests.get_or_insert([0; N]);
+        requests[(addr - self.start) >> PAGE_SHIFT] = request.default_flags();
         Ok(())
     }
 
@@ -114,6 +129,14 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
         if self.start == self.end || !core::ptr::eq(lock.mm().as_raw(), self.mirror.mm().as_raw()) {
             return Err(EINVAL);
         }
+        // Outputs of an earlier attempt reuse the request bits; start clean.
+        let pfn_flags_mask = match &self.page_requests {
+            Some(requests) => {
+                self.pfns = *requests;
+                Request::Write.default_flags()
+            }
+            None => 0,
+        };
         Ok(bindings::hmm_range {
             notifier: self.mirror.as_raw(),
             notifier_seq: seq.0,
@@ -121,7 +144,7 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
             end: self.end as c_ulong,
             hmm_pfns: self.pfns.as_mut_ptr(),
             default_flags: self.request.default_flags(),
-            pfn_flags_mask: 0,
+            pfn_flags_mask,
             dev_private_owner: self.owner.map_or(core::ptr::null_mut(), Owner::as_ptr),
         })
     }

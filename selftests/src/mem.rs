@@ -1,0 +1,301 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Memory the tests hand to the device: mmap()ed regions, huge pages,
+//! temporary files.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+pub const TWO_MB: usize = 2 << 20;
+
+/// An mmap()ed region, unmapped on drop.
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// The tests share mappings with helper threads by address; the kernel,
+// not Rust, arbitrates access to the memory.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    pub fn new(len: usize, prot: i32, flags: i32, fd: RawFd) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel.
+        let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// Private anonymous memory.
+    pub fn anon(len: usize, prot: i32) -> io::Result<Self> {
+        Self::new(len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    /// Read/write private anonymous memory.
+    pub fn rw(len: usize) -> io::Result<Self> {
+        Self::anon(len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    pub fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes. The mapping must be readable.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the whole range is mapped for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, writable. The mapping must be writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as bytes(), and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// The region as native-endian u32 words (mappings are page aligned).
+    pub fn words(&self) -> &[u32] {
+        // SAFETY: page alignment satisfies u32 alignment.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len / 4) }
+    }
+
+    pub fn words_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as words(), exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.len / 4) }
+    }
+
+    pub fn protect(&self, prot: i32) -> io::Result<()> {
+        protect(self.addr(), self.len, prot)
+    }
+
+    /// Give up ownership: the caller (or a racing thread) unmaps.
+    pub fn leak(self) -> (usize, usize) {
+        let r = (self.addr(), self.len);
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+pub fn protect(addr: usize, len: usize, prot: i32) -> io::Result<()> {
+    // SAFETY: changes protection of memory the test owns.
+    if unsafe { libc::mprotect(addr as *mut _, len, prot) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range (see Mapping::leak).
+    if unsafe { libc::munmap(addr as *mut _, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn madvise(addr: usize, len: usize, advice: i32) -> io::Result<()> {
+    // SAFETY: advice on memory the test owns.
+    if unsafe { libc::madvise(addr as *mut _, len, advice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn align_up(x: usize, a: usize) -> usize {
+    (x + a - 1) & !(a - 1)
+}
+
+/// The PMD size for THP, as the kernel reports it.
+pub fn pmd_size() -> usize {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(TWO_MB)
+}
+
+/// A field of /proc/meminfo, in its own unit (pages or kB).
+fn meminfo(field: &str) -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The default hugetlb page size in bytes, if hugetlbfs is there.
+pub fn default_hugepage_size() -> Option<usize> {
+    meminfo("Hugepagesize").map(|kb| kb * 1024)
+}
+
+/// Make sure `n` default-size huge pages are free, growing the pool
+/// through /proc/sys/vm/nr_hugepages if needed (we run as root). Returns
+/// the huge page size, or why not.
+pub fn ensure_free_hugepages(n: usize) -> Result<usize, String> {
+    let size = default_hugepage_size().ok_or("no hugetlb support (no Hugepagesize)")?;
+    let free = meminfo("HugePages_Free").unwrap_or(0);
+    if free >= n {
+        return Ok(size);
+    }
+    let total = meminfo("HugePages_Total").unwrap_or(0);
+    let want = total + (n - free);
+    if let Err(e) = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()) {
+        return Err(format!(
+            "{free} free huge pages, cannot raise nr_hugepages: {e}"
+        ));
+    }
+    let free = meminfo("HugePages_Free").unwrap_or(0);
+    if free < n {
+        return Err(format!(
+            "only {free} free huge pages after asking for {want}"
+        ));
+    }
+    Ok(size)
+}
+
+/// A temporary file of `size` bytes, already unlinked.
+pub fn temp_file(size: usize) -> io::Result<OwnedFd> {
+    let fd = open_tmpfile().or_else(|_| mkstemp_unlinked())?;
+    // SAFETY: sizes a file we own.
+    loop {
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } == 0 {
+            return Ok(fd);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn open_tmpfile() -> io::Result<OwnedFd> {
+    let dir = CString::new("/tmp").unwrap();
+    // SAFETY: valid path; O_TMPFILE needs a mode.
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_EXCL,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Fallback where /tmp lacks O_TMPFILE: a file in the (writable) cwd.
+fn mkstemp_unlinked() -> io::Result<OwnedFd> {
+    let mut template = *b"./.hmm-dmirror-selftest-XXXXXX\0";
+    // SAFETY: template is a writable, NUL-terminated buffer.
+    let fd = unsafe { libc::mkstemp(template.as_mut_ptr().cast()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: unlinks the file mkstemp just created.
+    unsafe { libc::unlink(template.as_ptr().cast()) };
+    // SAFETY: fd is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn pwrite_all(fd: RawFd, buf: &[u8], off: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: reads from a live buffer.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                (off + done) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+pub fn pread_all(fd: RawFd, buf: &mut [u8], off: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let len = buf.len() - done;
+        // SAFETY: writes into a live buffer.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf[done..].as_mut_ptr().cast(),
+                len,
+                (off + done) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn align() {
+        assert_eq!(align_up(1, 4096), 4096);
+        assert_eq!(align_up(4096, 4096), 4096);
+        assert_eq!(align_up(0, TWO_MB), 0);
+    }
+
+    #[test]
+    fn mapping_round_trip() {
+        let mut m = Mapping::rw(8192).unwrap();
+        m.words_mut()[5] = 0xdead_beef;
+        assert_eq!(m.words()[5], 0xdead_beef);
+        assert_eq!(m.bytes().len(), 8192);
+        assert_eq!(m.addr() % 4096, 0);
+    }
+
+    #[test]
+    fn temp_file_io() {
+        let fd = temp_file(8192).unwrap();
+        pwrite_all(fd.as_raw_fd(), b"hello", 4096).unwrap();
+        let mut b = [0u8; 5];
+        pread_all(fd.as_raw_fd(), &mut b, 4096).unwrap();
+        assert_eq!(&b, b"hello");
+    }
+}

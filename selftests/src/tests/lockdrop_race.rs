@@ -1,0 +1,315 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! READ_UNLOCKABLE while the world changes under a waiting fault: the
+//! region is unmapped, the userfaultfd is closed, the reader is signalled
+//! or killed. The read must end (with an error where the memory is gone),
+//! never hang.
+
+use super::lockdrop::{check_faults, check_pages, new_uffd, UffdRegion, HANDLER_SEED};
+use crate::check::{check_each, expect_errno};
+use crate::dmirror::{page_size, Dmirror};
+use crate::harness::{describe, send_diag, Test, TestResult};
+use crate::mem::{self, Mapping};
+use crate::uffd::{Handler, HandlerConfig, UFFD_EVENT_PAGEFAULT};
+use crate::{diag, ensure, ensure_eq};
+use std::io;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+pub const TESTS: &[Test] = &[
+    Test::new("lockdrop.unmap_while_waiting", unmap_while_waiting),
+    Test::new(
+        "lockdrop.uffd_closed_while_waiting",
+        uffd_closed_while_waiting,
+    ),
+    Test::new("lockdrop.nonfatal_signal", nonfatal_signal),
+    Test::new("lockdrop.killed_while_waiting", killed_while_waiting),
+];
+
+/// How long a read may take to end once nothing holds it any more.
+const PROMPT: Duration = Duration::from_secs(10);
+
+type ReadResult = io::Result<crate::dmirror::Counters>;
+
+/// Start READ_UNLOCKABLE of `n` pages at `addr` on another thread.
+fn spawn_reader(
+    d: Arc<Dmirror>,
+    addr: usize,
+    out: usize,
+    n: usize,
+) -> (mpsc::Receiver<ReadResult>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(d.read_unlockable(addr, out, n));
+    });
+    (rx, t)
+}
+
+/// The region is unmapped by another thread while the device's fault waits
+/// for the handler. The handler's UFFDIO_COPY then finds no VMA; it wakes
+/// the waiter instead, and the read must fail with EFAULT (the range has no
+/// VMA any more), not hang or succeed.
+fn unmap_while_waiting() -> TestResult {
+    let (n, ps) = (4, page_size());
+    let d = Arc::new(Dmirror::open(0)?);
+    let r = UffdRegion::new(n)?;
+    let uffd = r.uffd.clone();
+    let (base, len) = r.map.leak();
+    let mut out = Mapping::rw(n * ps)?;
+    out.bytes_mut().fill(0xEE);
+    let (rx, reader) = spawn_reader(d, base, out.addr(), n);
+
+    // We are the handler: take the fault, and do not answer yet.
+    let msg = uffd.next_event(None, PROMPT)?.ok_or("no fault")?;
+    ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
+    let fault = msg.address() as usize & !(ps - 1);
+    ensure_eq!(fault, base, "first fault");
+    ensure!(
+        rx.try_recv().is_err(),
+        "the read returned before the fault was answered"
+    );
+
+    // Allocated before the munmap, so it cannot land in the freed range.
+    let page = vec![0x11u8; ps];
+    let unmapper = std::thread::spawn(move || mem::unmap(base, len));
+    unmapper
+        .join()
+        .map_err(|_| "unmapper panicked".to_string())??;
+
+    let copy = uffd.copy(fault, &page);
+    diag!(
+        "UFFDIO_COPY after munmap: {:?}",
+        copy.as_ref().map_err(|e| e.to_string())
+    );
+    expect_errno(copy, libc::ENOENT, "UFFDIO_COPY into the unmapped range")?;
+    uffd.wake(base, len)?;
+
+    let res = rx
+        .recv_timeout(PROMPT)
+        .map_err(|_| format!("the read did not end within {PROMPT:?} of the wake"))?;
+    reader.join().map_err(|_| "reader panicked".to_string())?;
+    expect_errno(
+        res,
+        libc::EFAULT,
+        "READ_UNLOCKABLE of a range unmapped under it",
+    )?;
+    check_each("buffer after failed read", out.bytes(), |_| 0xEE)
+}
+
+/// The handler takes the fault and closes the userfaultfd without
+/// answering. Closing unregisters the range and wakes the waiter; the
+/// retried fault is an ordinary one, so the read succeeds with zeros.
+fn uffd_closed_while_waiting() -> TestResult {
+    let (n, ps) = (8, page_size());
+    let d = Arc::new(Dmirror::open(0)?);
+    let map = Mapping::rw(n * ps)?;
+    let uffd = new_uffd()?;
+    uffd.register_missing(map.addr(), map.len())?;
+    let mut out = Mapping::rw(n * ps)?;
+    out.bytes_mut().fill(0xEE);
+    let (rx, reader) = spawn_reader(d, map.addr(), out.addr(), n);
+    let msg = uffd.next_event(None, PROMPT)?.ok_or("no fault")?;
+    ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
+    ensure!(
+        rx.try_recv().is_err(),
+        "the read returned before the fault was answered"
+    );
+    drop(uffd);
+    let res = rx
+        .recv_timeout(PROMPT)
+        .map_err(|_| format!("the read did not end within {PROMPT:?} of the close"))?;
+    reader.join().map_err(|_| "reader panicked".to_string())?;
+    let c = res?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each("device read", out.bytes(), |_| 0)?;
+    check_each("CPU view", map.bytes(), |_| 0)
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+/// SIGUSR1 (caught, no SA_RESTART) hits the reader over and over while a
+/// slow handler answers. A non-fatal signal must not lose the read: it
+/// completes (EINTR is retried by the wrapper, as upstream's helper does).
+fn nonfatal_signal() -> TestResult {
+    let (n, ps) = (8, page_size());
+    // SAFETY: installs a handler that does nothing.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        ensure_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let d = Arc::new(Dmirror::open(0)?);
+    let r = UffdRegion::new(n)?;
+    let cfg = HandlerConfig {
+        delay: Duration::from_millis(50),
+        ..HandlerConfig::copy(r.base(), ps, super::lockdrop::fill_handler)
+    };
+    let h = Handler::spawn(r.uffd.clone(), cfg)?;
+    let out = Mapping::rw(n * ps)?;
+    let (rx, reader) = spawn_reader(d, r.base(), out.addr(), n);
+    let tid = reader.as_pthread_t();
+    let mut sent = 0;
+    let res = loop {
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(res) => break res,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // SAFETY: the reader thread is alive until it sends.
+                unsafe { libc::pthread_kill(tid, libc::SIGUSR1) };
+                sent += 1;
+            }
+            Err(e) => return Err(format!("reader: {e}").into()),
+        }
+    };
+    reader.join().map_err(|_| "reader panicked".to_string())?;
+    let st = h.stop()?;
+    diag!("{sent} signals sent during the read");
+    ensure!(sent > 0, "the read ended before any signal was sent");
+    let c = res?;
+    ensure_eq!(c.cpages, n as u64);
+    check_faults(&st, r.base(), 0..n)?;
+    check_pages("device read", out.bytes(), |_| HANDLER_SEED)
+}
+
+/// A child reads through a handler thread that takes the fault and exits
+/// without answering. The read waits for ever; SIGKILL must end the child
+/// promptly (the wait is killable), leaving no hung task.
+fn killed_while_waiting() -> TestResult {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two.
+    ensure_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (rfd, wfd) = (fds[0], fds[1]);
+    // SAFETY: the child runs reader_child() and _exit()s.
+    let pid = unsafe { libc::fork() };
+    ensure!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: the child's copy of the read end.
+        unsafe { libc::close(rfd) };
+        let code = match reader_child(wfd) {
+            Ok(code) => code,
+            Err(e) => {
+                send_diag(&format!("child: {e}"));
+                2
+            }
+        };
+        // SAFETY: leaves the child.
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: the parent's copy of the write end.
+    unsafe { libc::close(wfd) };
+    let res = watch_and_kill(pid, rfd);
+    // SAFETY: closes our read end; kills and reaps the child if still there.
+    unsafe {
+        libc::close(rfd);
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+    }
+    res
+}
+
+/// In the child: report `F` once the handler has the fault, `R` if the
+/// read ever returns. Exit code 3 means the read returned.
+fn reader_child(wfd: i32) -> io::Result<i32> {
+    let n = 4;
+    let d = Dmirror::open(0)?;
+    let r = UffdRegion::new(n).map_err(|e| io::Error::other(format!("{e:?}")))?;
+    let uffd = r.uffd.clone();
+    let told = Arc::new(AtomicBool::new(false));
+    let t = told.clone();
+    // The handler takes one fault and leaves without answering; the fd
+    // stays open, so the fault stays pending.
+    std::thread::spawn(move || {
+        if let Ok(Some(_)) = uffd.next_event(None, Duration::from_secs(60)) {
+            t.store(true, Ordering::SeqCst);
+            write_byte(wfd, b'F');
+        }
+    });
+    let out = Mapping::rw(n * page_size())?;
+    let res = d.read_unlockable(r.base(), out.addr(), n);
+    write_byte(wfd, b'R');
+    send_diag(&format!(
+        "child: the read returned {res:?} (handler told: {})",
+        told.load(Ordering::SeqCst)
+    ));
+    Ok(3)
+}
+
+fn write_byte(fd: i32, b: u8) {
+    // SAFETY: writes one byte from a local.
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+}
+
+/// Wait until the child's handler has the fault, check the read is still
+/// blocked, SIGKILL the child and time its death.
+fn watch_and_kill(pid: i32, rfd: i32) -> TestResult {
+    let got = read_byte(rfd, PROMPT)?;
+    ensure_eq!(
+        got,
+        Some(b'F'),
+        "child's first message (F = handler took the fault)"
+    );
+    // Give a wrongly returning read time to show itself.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut status = 0;
+    // SAFETY: polls our child.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    ensure!(
+        r == 0,
+        "the child ended before the kill: {}",
+        describe(status)
+    );
+    ensure_eq!(
+        read_byte(rfd, Duration::ZERO)?,
+        None,
+        "message before the kill (R = read returned)"
+    );
+
+    // SAFETY: kills our child.
+    ensure_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let start = Instant::now();
+    loop {
+        // SAFETY: polls our child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        ensure!(
+            start.elapsed() < PROMPT,
+            "the child survived SIGKILL for {PROMPT:?}: stuck in the read"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    diag!(
+        "the child died {} ms after SIGKILL",
+        start.elapsed().as_millis()
+    );
+    ensure!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+        "child {}",
+        describe(status)
+    );
+    Ok(())
+}
+
+/// One byte from the pipe within `timeout`; None on timeout or EOF.
+fn read_byte(fd: i32, timeout: Duration) -> io::Result<Option<u8>> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut b = 0u8;
+    // SAFETY: reads one byte into a local.
+    let r = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+    Ok(if r == 1 { Some(b) } else { None })
+}

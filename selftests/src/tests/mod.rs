@@ -1,0 +1,41 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The test cases, grouped by theme. Names are `group.case`.
+
+use crate::harness::Test;
+
+mod badinput;
+mod lockdrop;
+mod lockdrop_race;
+mod mirror;
+mod snapshot;
+
+/// Every test, in run order.
+pub fn all() -> Vec<&'static Test> {
+    [
+        mirror::TESTS,
+        snapshot::TESTS,
+        badinput::TESTS,
+        lockdrop::TESTS,
+        lockdrop_race::TESTS,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+#[cfg(test)]
+mod registry {
+    #[test]
+    fn names_are_unique_and_grouped() {
+        let all = super::all();
+        assert!(all.len() >= 30, "{} cases", all.len());
+        let mut names: Vec<_> = all.iter().map(|t| t.name).collect();
+        assert!(names.iter().all(|n| n
+            .split_once('.')
+            .is_some_and(|(g, c)| !g.is_empty() && !c.is_empty())));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "duplicate test names");
+    }
+}
