@@ -6,8 +6,8 @@
 use crate::{
     device::Device,
     hmm::{
-        self, Event, HmmRange, Invalidation, Mirror, MirrorOps, MirroredAccess, Owner, PageKind,
-        Request, ValidPfn, PMD_SHIFT, PUD_SHIFT,
+        self, DevicePageTable, Event, HmmRange, Invalidation, Mirror, MirrorOps, MirroredAccess,
+        Owner, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -174,20 +174,9 @@ impl DmirrorFile {
     /// user buffer, faulting in what it does not map yet.
     fn read(&self, cmd: &mut HmmDmirrorCmd, span: &Span, mode: LockMode) -> Result {
         let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
-        let mut addr = span.start;
-        loop {
-            {
-                let table = self.mirror.lock();
-                while addr < span.end && table.read_page(addr >> PAGE_SHIFT, &mut bounce)? {
-                    addr += PAGE_SIZE;
-                }
-            }
-            if addr == span.end {
-                break;
-            }
-            self.fault(addr, span.end, Request::Read, mode)?;
-            cmd.faults += 1;
-        }
+        cmd.faults = self.for_each_page(span, Request::Read, mode, |table, index| {
+            table.read_page(index, &mut bounce)
+        })?;
         UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
             .writer()
             .write_slice(&bounce)?;
@@ -203,27 +192,40 @@ impl DmirrorFile {
             .reader()
             .read_all(&mut bounce, GFP_KERNEL)?;
         let (pages, _) = bounce.as_chunks::<PAGE_SIZE>();
+        let first = span.start >> PAGE_SHIFT;
+        cmd.faults = self.for_each_page(span, Request::Write, LockMode::Held, |table, index| {
+            Ok(table.write_page(index, &pages[index - first]))
+        })?;
+        cmd.cpages = span.pages();
+        Ok(())
+    }
+
+    /// Runs `access` on the pages of `span` in order, under the mirror's
+    /// lock. Where it finds no mapping it can use (returns `false`), faults
+    /// the rest of the span in with `request` and goes on from there.
+    /// Returns the number of fault rounds, C's `faults`.
+    fn for_each_page(
+        &self,
+        span: &Span,
+        request: Request,
+        mode: LockMode,
+        mut access: impl FnMut(&DevicePageTable, usize) -> Result<bool>,
+    ) -> Result<u64> {
+        let mut faults = 0;
         let mut addr = span.start;
         loop {
             {
                 let table = self.mirror.lock();
-                while addr < span.end
-                    && table.write_page(
-                        addr >> PAGE_SHIFT,
-                        &pages[(addr - span.start) >> PAGE_SHIFT],
-                    )
-                {
+                while addr < span.end && access(&table, addr >> PAGE_SHIFT)? {
                     addr += PAGE_SIZE;
                 }
             }
             if addr == span.end {
-                break;
+                return Ok(faults);
             }
-            self.fault(addr, span.end, Request::Write, LockMode::Held)?;
-            cmd.faults += 1;
+            self.fault(addr, span.end, request, mode)?;
+            faults += 1;
         }
-        cmd.cpages = span.pages();
-        Ok(())
     }
 
     /// Faults `[start, end)` into the device page table, a window at a time.
