@@ -5,13 +5,14 @@
 #
 #   make setup       install the toolchain (as root, idempotent)
 #   make kernel      build the patched kernel, test_hmm.ko and hmm-tests
+#   make kernel-debug, module-debug   the same on the debug kernel (KASAN, ...)
 #   make             build the Rust module (rust_hmm_dmirror.ko)
 #   make selftests   build the userspace selftest
 #   make demo        run the demo in a VM
 #   make check       set up, build and run every test
 #   make rust-analyzer   write rust-project.json for the module
 
-.PHONY: all module setup kernel selftests demo check rust-analyzer clean
+.PHONY: all module setup kernel kernel-debug module-debug selftests demo check rust-analyzer clean
 
 all: module
 
@@ -23,6 +24,12 @@ kernel:
 
 module:
 	scripts/build-module
+
+kernel-debug:
+	HMM_DMIRROR_FLAVOR=debug scripts/build-kernel
+
+module-debug:
+	HMM_DMIRROR_FLAVOR=debug scripts/build-module
 
 selftests:
 	cargo build --release --locked -p hmm-dmirror-selftests

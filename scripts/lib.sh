@@ -27,8 +27,27 @@ export PATH=/usr/lib/llvm-$LLVM_VERSION/bin:$TOOLS_DIR/bin:$PATH:$TOOLS_DIR/venv
 # in PATH on these machines but has no rust-src, so name Debian's.
 KMAKE_ARGS=(LLVM=-$LLVM_VERSION RUSTC=/usr/bin/rustc BINDGEN="$BINDGEN" HOSTRUSTC=/usr/bin/rustc)
 
-# Where `make kernel` leaves the current build: a symlink into the cache.
-KDIR_LINK=$CACHE_DIR/kernel/current
+# use_flavor FLAVOR: pick the kernel to build or boot. "" is the test
+# kernel; "debug" adds KASAN, kmemleak and fault injection. Each flavor has
+# its own cache, its own module build and its own config fragments.
+use_flavor() {
+	FLAVOR=$1
+	case $FLAVOR in
+	"")
+		FRAGMENTS=("$ROOT/config/dmirror.config")
+		MODULE_DIR=$ROOT
+		;;
+	debug)
+		FRAGMENTS=("$ROOT/config/dmirror.config" "$ROOT/config/debug.config")
+		MODULE_DIR=$ROOT/build/module-debug
+		;;
+	*) die "unknown kernel flavor '$FLAVOR' (known: debug)" ;;
+	esac
+	KERNEL_CACHE=$CACHE_DIR/kernel${FLAVOR:+-$FLAVOR}
+	# Where `make kernel` leaves the current build: a symlink into the cache.
+	KDIR_LINK=$KERNEL_CACHE/current
+	RUST_KO=$MODULE_DIR/rust_hmm_dmirror.ko
+}
 
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -36,3 +55,5 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # now_s: seconds since the epoch, for stage timings.
 now_s() { date +%s; }
 took() { printf '    (%ds)\n' $(( $(now_s) - $1 )); }
+
+use_flavor "${HMM_DMIRROR_FLAVOR:-}"
