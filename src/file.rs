@@ -330,27 +330,36 @@ fn retry_until_valid<T: MirrorOps>(
 }
 
 /// Faults one window with `hmm_range_fault_unlockable()`, so that a fault
-/// handler (userfaultfd) may drop the mmap lock. Every lost lock or
-/// invalidation starts a new attempt with a new sequence, for as long as it
-/// takes, as C's `READ_UNLOCKED` does; a fatal signal ends it with `EINTR`.
+/// handler (userfaultfd) may drop the mmap lock. When it does, and nothing
+/// was invalidated meanwhile, the attempt resumes at the page that dropped
+/// the lock instead of walking the window again; any invalidation starts a
+/// new attempt with a new sequence. This goes on for as long as it takes,
+/// as C's `READ_UNLOCKED` does; a fatal signal ends it with `EINTR`.
 fn fault_window_unlockable(
     range: &mut HmmRange<'_, FileMirrorOps, WINDOW_PAGES>,
     mm: &MmWithUser,
 ) -> Result {
+    let mut resumed = None;
     loop {
         if hmm::fatal_signal_pending() {
             return Err(EINTR);
         }
-        let lock = range.begin(mm)?;
+        let lock = match resumed.take() {
+            Some(lock) => lock,
+            None => range.begin(mm)?,
+        };
         let (faulted, lock) = range.fault_unlockable(lock);
+        let dropped = lock.is_none();
         drop(lock);
         match faulted {
-            Err(e) if e == EBUSY => continue,
+            Err(e) if e == EBUSY && dropped => resumed = range.resume(mm).transpose()?,
+            Err(e) if e == EBUSY => {}
             Err(e) => return Err(e),
-            Ok(()) => {}
-        }
-        if store_window(range)? {
-            return Ok(());
+            Ok(()) => {
+                if store_window(range)? {
+                    return Ok(());
+                }
+            }
         }
     }
 }

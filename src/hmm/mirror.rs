@@ -182,6 +182,14 @@ impl<T: MirrorOps> Mirror<T> {
         Seq(unsafe { bindings::mmu_interval_read_begin(self.notifier.get()) })
     }
 
+    /// Whether an invalidation hit the mirror since `seq` was taken. This
+    /// is only a hint: without the mirror's lock, one may start right after.
+    /// Decisions that rely on the data use [`MirrorGuard::has_changed`].
+    pub fn check_retry(&self, seq: Seq) -> bool {
+        // SAFETY: By the type invariant the notifier is inserted.
+        unsafe { bindings::mmu_interval_check_retry(self.notifier.get(), seq.0) }
+    }
+
     /// Takes the mirror's lock.
     pub fn lock(&self) -> MirrorGuard<'_, T> {
         MirrorGuard {

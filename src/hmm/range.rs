@@ -55,6 +55,9 @@ pub struct HmmRange<'m, T: MirrorOps, const N: usize> {
     pfns: [c_ulong; N],
     /// Per-page requests on top of `request`, if any (`pfn_flags_mask`).
     page_requests: Option<[c_ulong; N]>,
+    /// Pages at the front of the window already faulted under `seq`: an
+    /// attempt resumed after a lock drop starts after them.
+    done: usize,
 }
 
 impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
@@ -71,6 +74,7 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
             seq: None,
             pfns: [0; N],
             page_requests: None,
+            done: 0,
         }
     }
 
@@ -88,6 +92,7 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
         self.end = end;
         self.seq = None;
         self.page_requests = None;
+        self.done = 0;
         Ok(())
     }
 
@@ -121,28 +126,68 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
         }
         // Before the mmap lock: `read_begin` may wait for invalidations.
         self.seq = Some(self.mirror.read_begin());
+        self.done = 0;
         MmapReadGuard::lock_killable(mm)
+    }
+
+    /// Continues an attempt whose fault dropped the mmap lock: unless an
+    /// invalidation hit the mirror since [`begin`](Self::begin), takes the
+    /// lock again and keeps the sequence and the pages faulted so far, so
+    /// that the next [`fault_unlockable`](Self::fault_unlockable) starts at
+    /// the page that dropped the lock. Returns `None` when the attempt must
+    /// start over with `begin`.
+    ///
+    /// The pages kept are checked with the rest by
+    /// [`lock_if_valid`](Self::lock_if_valid), against the same sequence.
+    pub fn resume<'a>(&mut self, mm: &'a MmWithUser) -> Option<Result<MmapReadGuard<'a>>> {
+        let seq = self.seq?;
+        // Only a faulting request leaves every output entry valid, which is
+        // how the first unfaulted page is found; per-page requests reuse the
+        // same bits as input.
+        if self.request == Request::Snapshot || self.page_requests.is_some() {
+            return None;
+        }
+        if !core::ptr::eq(mm.as_raw(), self.mirror.mm().as_raw()) || self.mirror.check_retry(seq) {
+            return None;
+        }
+        let count = (self.end - self.start) >> PAGE_SHIFT;
+        self.done = self.pfns[..count]
+            .iter()
+            .position(|&pfn| pfn & bindings::hmm_pfn_flags_HMM_PFN_VALID == 0)
+            .unwrap_or(count);
+        if self.done == count {
+            return None;
+        }
+        Some(MmapReadGuard::lock_killable(mm))
     }
 
     fn raw(&mut self, lock: &MmapReadGuard<'_>) -> Result<bindings::hmm_range> {
         let seq = self.seq.ok_or(EINVAL)?;
-        if self.start == self.end || !core::ptr::eq(lock.mm().as_raw(), self.mirror.mm().as_raw()) {
+        if self.start + self.done * PAGE_SIZE >= self.end
+            || !core::ptr::eq(lock.mm().as_raw(), self.mirror.mm().as_raw())
+        {
             return Err(EINVAL);
         }
-        // Outputs of an earlier attempt reuse the request bits; start clean.
+        let done = self.done;
+        // Outputs of an earlier attempt reuse the request bits; start the
+        // pages still to fault clean. Those left untouched by a fault that
+        // drops the lock keep no VALID bit, which `resume` relies on.
         let pfn_flags_mask = match &self.page_requests {
             Some(requests) => {
-                self.pfns = *requests;
+                self.pfns[done..].copy_from_slice(&requests[done..]);
                 Request::Write.default_flags()
             }
-            None => 0,
+            None => {
+                self.pfns[done..].fill(0);
+                0
+            }
         };
         Ok(bindings::hmm_range {
             notifier: self.mirror.as_raw(),
             notifier_seq: seq.0,
-            start: self.start as c_ulong,
+            start: (self.start + done * PAGE_SIZE) as c_ulong,
             end: self.end as c_ulong,
-            hmm_pfns: self.pfns.as_mut_ptr(),
+            hmm_pfns: self.pfns[done..].as_mut_ptr(),
             default_flags: self.request.default_flags(),
             pfn_flags_mask,
             dev_private_owner: self.owner.map_or(core::ptr::null_mut(), Owner::as_ptr),
