@@ -110,6 +110,24 @@ impl Dmirror {
     }
 }
 
+/// One ioctl with any request word and any argument, for callers that
+/// pass garbage on purpose (a bad struct pointer, an unknown command) or
+/// that hold only a raw descriptor. Retried on EINTR; returns the ioctl's
+/// non-negative result.
+pub fn ioctl_raw(fd: RawFd, request: libc::c_ulong, arg: usize) -> io::Result<i32> {
+    loop {
+        // SAFETY: the kernel validates `arg`; a bad pointer gives EFAULT.
+        let r = unsafe { libc::ioctl(fd, request as _, arg) };
+        if r >= 0 {
+            return Ok(r);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 pub fn page_size() -> usize {
     // SAFETY: plain libc call.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
@@ -135,6 +153,18 @@ pub fn errno_name(e: i32) -> &'static str {
         libc::EAGAIN => "EAGAIN",
         libc::ENOTTY => "ENOTTY",
         libc::ESRCH => "ESRCH",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EOVERFLOW => "EOVERFLOW",
+        libc::EACCES => "EACCES",
+        libc::EBADF => "EBADF",
+        libc::ENODEV => "ENODEV",
+        libc::ENXIO => "ENXIO",
+        libc::EIO => "EIO",
+        libc::ENOSYS => "ENOSYS",
+        libc::E2BIG => "E2BIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ERANGE => "ERANGE",
         _ => "?",
     }
 }

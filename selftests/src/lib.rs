@@ -7,6 +7,7 @@ pub mod check;
 pub mod cli;
 pub mod dmirror;
 pub mod harness;
+pub mod ioc;
 pub mod ktap;
 pub mod mem;
 pub mod tests;

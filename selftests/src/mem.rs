@@ -95,6 +95,76 @@ impl Drop for Mapping {
     }
 }
 
+/// `pages` pages with protection `prot` between two PROT_NONE guard
+/// pages: nothing else can be mapped right before or after them, and an
+/// access one byte past either end faults. One reservation, unmapped on
+/// drop.
+pub struct Guarded {
+    whole: Mapping,
+    pages: usize,
+}
+
+impl Guarded {
+    pub fn new(pages: usize, prot: i32) -> io::Result<Self> {
+        let ps = crate::dmirror::page_size();
+        let whole = Mapping::anon((pages + 2) * ps, libc::PROT_NONE)?;
+        if pages > 0 && prot != libc::PROT_NONE {
+            protect(whole.addr() + ps, pages * ps, prot)?;
+        }
+        Ok(Guarded { whole, pages })
+    }
+
+    /// Read/write pages between guards.
+    pub fn rw(pages: usize) -> io::Result<Self> {
+        Self::new(pages, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// A hole of `pages` unmapped pages between two guards: an address
+    /// range with no VMA that no later mmap() can fill by chance (it would
+    /// have to fit exactly).
+    pub fn hole(pages: usize) -> io::Result<Self> {
+        let g = Self::new(pages, libc::PROT_NONE)?;
+        if pages > 0 {
+            unmap(g.addr(), g.len())?;
+        }
+        Ok(g)
+    }
+
+    /// First byte after the leading guard.
+    pub fn addr(&self) -> usize {
+        self.whole.addr() + crate::dmirror::page_size()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages * crate::dmirror::page_size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// First byte of the trailing guard.
+    pub fn end(&self) -> usize {
+        self.addr() + self.len()
+    }
+
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// The bytes between the guards. They must be readable.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the range is mapped for the life of self.
+        unsafe { std::slice::from_raw_parts(self.addr() as *const u8, self.len()) }
+    }
+
+    /// The bytes, writable. They must be writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as bytes(), and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.addr() as *mut u8, self.len()) }
+    }
+}
+
 pub fn protect(addr: usize, len: usize, prot: i32) -> io::Result<()> {
     // SAFETY: changes protection of memory the test owns.
     if unsafe { libc::mprotect(addr as *mut _, len, prot) } != 0 {
@@ -288,6 +358,32 @@ mod tests {
         assert_eq!(m.words()[5], 0xdead_beef);
         assert_eq!(m.bytes().len(), 8192);
         assert_eq!(m.addr() % 4096, 0);
+    }
+
+    #[test]
+    fn guarded_has_guards() {
+        let ps = crate::dmirror::page_size();
+        let mut g = Guarded::rw(3).unwrap();
+        assert_eq!(
+            (g.len(), g.end() - g.addr(), g.pages()),
+            (3 * ps, 3 * ps, 3)
+        );
+        g.bytes_mut()[3 * ps - 1] = 9;
+        assert_eq!(g.bytes()[3 * ps - 1], 9);
+        // The guards are PROT_NONE: mprotect() on them succeeds (they are
+        // mapped), and mincore() says the hole is not.
+        protect(g.addr() - ps, ps, libc::PROT_NONE).unwrap();
+        protect(g.end(), ps, libc::PROT_NONE).unwrap();
+        let h = Guarded::hole(2).unwrap();
+        let mut vec = [0u8; 2];
+        // SAFETY: mincore() writes one byte per page into vec.
+        let r = unsafe { libc::mincore(h.addr() as *mut _, 2 * ps, vec.as_mut_ptr()) };
+        assert_eq!(r, -1);
+        assert_eq!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOMEM)
+        );
+        protect(h.addr() - ps, ps, libc::PROT_NONE).unwrap();
     }
 
     #[test]

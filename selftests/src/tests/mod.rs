@@ -5,10 +5,13 @@
 use crate::harness::Test;
 
 mod badinput;
+mod hostile;
 mod lockdrop;
 mod lockdrop_race;
 mod mirror;
+mod ops;
 mod snapshot;
+mod stress;
 
 /// Every test, in run order.
 pub fn all() -> Vec<&'static Test> {
@@ -18,6 +21,8 @@ pub fn all() -> Vec<&'static Test> {
         badinput::TESTS,
         lockdrop::TESTS,
         lockdrop_race::TESTS,
+        hostile::TESTS,
+        stress::TESTS,
     ]
     .into_iter()
     .flatten()
