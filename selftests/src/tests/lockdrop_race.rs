@@ -6,7 +6,7 @@
 //! never hang.
 
 use super::lockdrop::{check_faults, check_pages, new_uffd, UffdRegion, HANDLER_SEED};
-use crate::check::{check_each, expect_errno};
+use crate::check::{check_each, expect_errno, pattern};
 use crate::dmirror::{page_size, Dmirror};
 use crate::harness::{describe, send_diag, Test, TestResult};
 use crate::mem::{self, Mapping};
@@ -26,6 +26,10 @@ pub const TESTS: &[Test] = &[
     ),
     Test::new("lockdrop.nonfatal_signal", nonfatal_signal),
     Test::new("lockdrop.killed_while_waiting", killed_while_waiting),
+    Test::new(
+        "lockdrop.invalidate_while_waiting",
+        invalidate_while_waiting,
+    ),
 ];
 
 /// How long a read may take to end once nothing holds it any more.
@@ -96,6 +100,63 @@ fn unmap_while_waiting() -> TestResult {
         "READ_UNLOCKABLE of a range unmapped under it",
     )?;
     check_each("buffer after failed read", out.bytes(), |_| 0xEE)
+}
+
+/// While a fault on page `WAIT` waits for the handler, page `ZAP` (faulted
+/// just before, in the same window) is zapped with MADV_DONTNEED. A module
+/// that resumes the walk after the lock drop must notice the invalidation
+/// and fault `ZAP` again: the handler is asked for it twice and answers the
+/// second time with new content, which the read must return. Keeping the
+/// first pfn would read the freed page.
+fn invalidate_while_waiting() -> TestResult {
+    const WAIT: usize = 8;
+    const ZAP: usize = 3;
+    let (n, ps) = (16, page_size());
+    let d = Arc::new(Dmirror::open(0)?);
+    let r = UffdRegion::new(n)?;
+    let out = Mapping::rw(n * ps)?;
+    let (rx, reader) = spawn_reader(d, r.base(), out.addr(), n);
+
+    // We are the handler. Generation g of page p is pattern(g, p, ..).
+    let seed = |generation: usize| HANDLER_SEED.wrapping_add(generation as u8);
+    let mut answered = vec![0usize; n];
+    let mut page = vec![0u8; ps];
+    let res = loop {
+        if let Ok(res) = rx.try_recv() {
+            break res;
+        }
+        let Some(msg) = r.uffd.next_event(None, PROMPT)? else {
+            continue;
+        };
+        ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
+        let p = (msg.address() as usize - r.base()) / ps;
+        ensure!(p < n, "fault outside the region");
+        if p == WAIT && answered[WAIT] == 0 {
+            ensure_eq!(answered[ZAP], 1, "page {ZAP} answered before page {WAIT}");
+            mem::madvise(r.page(ZAP), ps, libc::MADV_DONTNEED)?;
+        }
+        for (off, b) in page.iter_mut().enumerate() {
+            *b = pattern(seed(answered[p]), p, off);
+        }
+        r.uffd.copy(r.page(p), &page)?;
+        answered[p] += 1;
+        if answered.iter().all(|&a| a > 0) && answered[ZAP] == 2 {
+            break rx.recv_timeout(PROMPT).map_err(|_| "the read did not end".to_string())?;
+        }
+    };
+    reader.join().map_err(|_| "reader panicked".to_string())?;
+    let c = res?;
+    ensure_eq!(c.cpages, n as u64);
+    diag!("the handler answered page {ZAP} {} times", answered[ZAP]);
+    ensure_eq!(answered[ZAP], 2, "the zapped page must be faulted again");
+    ensure!(
+        answered.iter().enumerate().all(|(p, &a)| p == ZAP || a == 1),
+        "other pages answered more than once: {answered:?}"
+    );
+    check_each("device read", out.bytes(), |i| {
+        let p = i / ps;
+        pattern(seed(usize::from(p == ZAP)), p, i % ps)
+    })
 }
 
 /// The handler takes the fault and closes the userfaultfd without
