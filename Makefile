@@ -10,9 +10,10 @@
 #   make selftests   build the userspace selftest
 #   make demo        run the demo in a VM
 #   make check       set up, build and run every test
+#   make check-debug the robustness run on the debug kernel
 #   make rust-analyzer   write rust-project.json for the module
 
-.PHONY: all module setup kernel kernel-debug module-debug selftests demo check rust-analyzer clean
+.PHONY: all module setup kernel kernel-debug module-debug selftests demo check check-debug rust-analyzer clean
 
 all: module
 
@@ -39,6 +40,9 @@ demo:
 
 check:
 	scripts/check
+
+check-debug:
+	scripts/check-debug
 
 rust-analyzer:
 	scripts/build-module rust-analyzer
