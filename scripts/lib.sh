@@ -35,7 +35,7 @@ use_flavor() {
 	case $FLAVOR in
 	"")
 		FRAGMENTS=("$ROOT/config/dmirror.config")
-		MODULE_DIR=$ROOT
+		MODULE_DIR=$ROOT/build/module
 		;;
 	debug)
 		FRAGMENTS=("$ROOT/config/dmirror.config" "$ROOT/config/debug.config")
