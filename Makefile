@@ -11,9 +11,10 @@
 #   make demo        run the demo in a VM
 #   make check       set up, build and run every test
 #   make check-debug the robustness run on the debug kernel
+#   make bench       the C and Rust modules side by side, in one VM boot
 #   make rust-analyzer   write rust-project.json for the module
 
-.PHONY: all module setup kernel kernel-debug module-debug selftests demo check check-debug rust-analyzer clean
+.PHONY: all module setup kernel kernel-debug module-debug selftests demo check check-debug bench rust-analyzer clean
 
 all: module
 
@@ -43,6 +44,9 @@ check:
 
 check-debug:
 	scripts/check-debug
+
+bench:
+	scripts/bench
 
 rust-analyzer:
 	scripts/build-module rust-analyzer

@@ -1,0 +1,236 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! What is measured: one timed ioctl over memory prepared a given way.
+//!
+//! A workload is one line of [`all`]. New operations (migration, once the
+//! Rust module has device memory) are one more line each; a module that
+//! answers an ioctl with EOPNOTSUPP gets the workload skipped, not failed.
+
+use hmm_dmirror_uapi::*;
+use serde::{Deserialize, Serialize};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+/// Sizes are given in bytes of 4 KiB pages; the runner checks the guest's
+/// page size is that.
+pub const PAGE: usize = 4 * KIB;
+
+/// The timed ioctl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Read,
+    Write,
+    Snapshot,
+    ReadUnlockable,
+    MigrateToDev,
+    MigrateToSys,
+}
+
+impl Op {
+    pub fn request(self) -> u32 {
+        match self {
+            Op::Read => HMM_DMIRROR_READ,
+            Op::Write => HMM_DMIRROR_WRITE,
+            Op::Snapshot => HMM_DMIRROR_SNAPSHOT,
+            Op::ReadUnlockable => HMM_DMIRROR_READ_UNLOCKABLE,
+            Op::MigrateToDev => HMM_DMIRROR_MIGRATE_TO_DEV,
+            Op::MigrateToSys => HMM_DMIRROR_MIGRATE_TO_SYS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Read => "READ",
+            Op::Write => "WRITE",
+            Op::Snapshot => "SNAPSHOT",
+            Op::ReadUnlockable => "READ_UNLOCKABLE",
+            Op::MigrateToDev => "MIGRATE_TO_DEV",
+            Op::MigrateToSys => "MIGRATE_TO_SYS",
+        }
+    }
+}
+
+/// How a userfaultfd handler resolves a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resolve {
+    /// UFFDIO_COPY of the faulting page only: one event per page.
+    Page,
+    /// UFFDIO_COPY of the 2 MiB-aligned block around the fault (the whole
+    /// region if smaller): one event per block.
+    Block,
+}
+
+/// The memory under the timed ioctl, and what is redone per repetition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Memory {
+    /// Touched by the CPU and mirrored by one READ, untimed, before each
+    /// repetition: the timed ioctl hits the device page table.
+    Mirrored,
+    /// A fresh mapping per repetition, never touched: the fault path.
+    Untouched,
+    /// A fresh mapping per repetition, touched by the CPU, not mirrored.
+    Touched,
+    /// Like `Touched`, then migrated to the device (untimed).
+    OnDevice,
+    /// A fresh userfaultfd-MISSING region per repetition, answered by a
+    /// handler thread.
+    Userfault(Resolve),
+}
+
+impl Memory {
+    pub fn name(self) -> &'static str {
+        match self {
+            Memory::Mirrored => "mirrored",
+            Memory::Untouched => "untouched",
+            Memory::Touched => "touched",
+            Memory::OnDevice => "on device",
+            Memory::Userfault(Resolve::Page) => "uffd page/fault",
+            Memory::Userfault(Resolve::Block) => "uffd block/fault",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub op: Op,
+    pub memory: Memory,
+    pub pages: usize,
+    /// Timed repetitions, at most: see [`TIME_BUDGET`].
+    pub reps: usize,
+    /// Untimed repetitions first: 1, or 0 where one repetition already
+    /// runs the same path thousands of times.
+    pub warmups: usize,
+}
+
+/// Once a workload has spent this long, it stops after its
+/// [`MIN_REPS`]th repetition: a loaded host slows TCG down a lot, and the
+/// whole run should stay within about ten minutes.
+pub const TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+pub const MIN_REPS: usize = 3;
+
+impl Workload {
+    const fn new(op: Op, memory: Memory, bytes: usize, reps: usize) -> Self {
+        Workload {
+            op,
+            memory,
+            pages: bytes / PAGE,
+            reps,
+            warmups: 1,
+        }
+    }
+
+    const fn without_warmup(self) -> Self {
+        Workload { warmups: 0, ..self }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.pages * PAGE
+    }
+
+    /// A unique, readable name: "READ mirrored 2 MiB".
+    pub fn name(&self) -> String {
+        let size = match self.memory {
+            // The lock-drop series is about page counts.
+            Memory::Userfault(_) => format!("N={}", self.pages),
+            _ => size_name(self.bytes()),
+        };
+        format!("{} {} {}", self.op.name(), self.memory.name(), size)
+    }
+}
+
+/// "4 KiB", "64 KiB", "2 MiB".
+pub fn size_name(bytes: usize) -> String {
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else if bytes >= KIB && bytes.is_multiple_of(KIB) {
+        format!("{} KiB", bytes / KIB)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Every workload, in table order. Under TCG small workloads are noisy
+/// and cheap, so they get many repetitions; the 64 MiB ones and the
+/// 4096-event userfaultfd read take a second or more each (set-up
+/// included), so they get few. Both modules together take about three
+/// minutes on an idle 2-core host.
+pub fn all() -> Vec<Workload> {
+    use Memory::*;
+    use Op::*;
+    let mut w = Vec::new();
+    for op in [Read, Write] {
+        w.push(Workload::new(op, Mirrored, PAGE, 51));
+        w.push(Workload::new(op, Mirrored, 64 * KIB, 51));
+        w.push(Workload::new(op, Mirrored, 2 * MIB, 21));
+        w.push(Workload::new(op, Mirrored, 64 * MIB, 7));
+    }
+    w.push(Workload::new(Read, Untouched, 2 * MIB, 21));
+    w.push(Workload::new(Read, Untouched, 64 * MIB, 7));
+    w.push(Workload::new(Snapshot, Mirrored, 2 * MIB, 21));
+    w.push(Workload::new(Snapshot, Mirrored, 64 * MIB, 9));
+    let uffd = |resolve, pages, reps| {
+        Workload::new(ReadUnlockable, Userfault(resolve), pages * PAGE, reps)
+    };
+    w.push(uffd(Resolve::Page, 1, 51));
+    w.push(uffd(Resolve::Page, 16, 31));
+    w.push(uffd(Resolve::Page, 256, 11));
+    // 4096 lock drops and handler round trips: seconds per repetition.
+    w.push(uffd(Resolve::Page, 4096, 5).without_warmup());
+    w.push(uffd(Resolve::Block, 1, 51));
+    w.push(uffd(Resolve::Block, 16, 31));
+    w.push(uffd(Resolve::Block, 256, 21));
+    w.push(uffd(Resolve::Block, 4096, 11));
+    w
+}
+
+/// Workloads the Rust module cannot serve yet (it answers EOPNOTSUPP):
+/// run with `--pending`. Move a line to [`all`] when it can.
+pub fn pending() -> Vec<Workload> {
+    vec![
+        Workload::new(Op::MigrateToDev, Memory::Touched, 2 * MIB, 5),
+        Workload::new(Op::MigrateToSys, Memory::OnDevice, 2 * MIB, 5),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_unique() {
+        let list: Vec<_> = all().into_iter().chain(pending()).collect();
+        let names: HashSet<_> = list.iter().map(Workload::name).collect();
+        assert_eq!(names.len(), list.len());
+    }
+
+    #[test]
+    fn every_workload_repeats() {
+        for w in all().into_iter().chain(pending()) {
+            assert!(w.reps >= 3, "{}", w.name());
+            assert!(w.pages >= 1, "{}", w.name());
+        }
+    }
+
+    #[test]
+    fn names_read_well() {
+        let w = Workload::new(Op::Read, Memory::Mirrored, 2 * MIB, 1);
+        assert_eq!(w.name(), "READ mirrored 2 MiB");
+        assert_eq!(w.pages, 512);
+        let u = Workload::new(
+            Op::ReadUnlockable,
+            Memory::Userfault(Resolve::Block),
+            16 * PAGE,
+            1,
+        );
+        assert_eq!(u.name(), "READ_UNLOCKABLE uffd block/fault N=16");
+        assert_eq!(size_name(4096), "4 KiB");
+        assert_eq!(size_name(64 << 20), "64 MiB");
+    }
+
+    #[test]
+    fn requests_are_the_abi() {
+        assert_eq!(Op::ReadUnlockable.request() & 0xff, 9);
+        assert_eq!(Op::Snapshot.request(), HMM_DMIRROR_SNAPSHOT);
+    }
+}
