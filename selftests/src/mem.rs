@@ -4,8 +4,10 @@
 //! temporary files.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::ptr;
 
 pub const TWO_MB: usize = 2 << 20;
@@ -285,59 +287,14 @@ fn mkstemp_unlinked() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub fn pwrite_all(fd: RawFd, buf: &[u8], off: usize) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: reads from a live buffer.
-        let n = unsafe {
-            libc::pwrite(
-                fd,
-                buf[done..].as_ptr().cast(),
-                buf.len() - done,
-                (off + done) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        done += n as usize;
-    }
-    Ok(())
+/// pwrite() of all of `buf` at `off`, retried on EINTR and short writes.
+pub fn pwrite_all(fd: impl AsFd, buf: &[u8], off: usize) -> io::Result<()> {
+    File::from(fd.as_fd().try_clone_to_owned()?).write_all_at(buf, off as u64)
 }
 
-pub fn pread_all(fd: RawFd, buf: &mut [u8], off: usize) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let len = buf.len() - done;
-        // SAFETY: writes into a live buffer.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                buf[done..].as_mut_ptr().cast(),
-                len,
-                (off + done) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        done += n as usize;
-    }
-    Ok(())
+/// pread() of all of `buf` from `off`; end of file is an error.
+pub fn pread_all(fd: impl AsFd, buf: &mut [u8], off: usize) -> io::Result<()> {
+    File::from(fd.as_fd().try_clone_to_owned()?).read_exact_at(buf, off as u64)
 }
 
 #[cfg(test)]
@@ -389,9 +346,9 @@ mod tests {
     #[test]
     fn temp_file_io() {
         let fd = temp_file(8192).unwrap();
-        pwrite_all(fd.as_raw_fd(), b"hello", 4096).unwrap();
+        pwrite_all(&fd, b"hello", 4096).unwrap();
         let mut b = [0u8; 5];
-        pread_all(fd.as_raw_fd(), &mut b, 4096).unwrap();
+        pread_all(&fd, &mut b, 4096).unwrap();
         assert_eq!(&b, b"hello");
     }
 }

@@ -14,6 +14,7 @@
 //! struct back (EFAULT if that fails, after the work is done).
 
 use super::ops::{Op, OPS};
+use super::reap;
 use crate::dmirror::{errno_name, ioctl_raw, page_size, Dmirror};
 use crate::harness::{Failure, Test, TestResult};
 use crate::ioc;
@@ -1062,17 +1063,6 @@ impl Drop for Foreign {
     }
 }
 
-fn reap(pid: libc::pid_t) -> i32 {
-    let mut st = 0;
-    loop {
-        // SAFETY: waits for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
-        if r == pid || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return st;
-        }
-    }
-}
-
 /// A dmirror file opened by another (live) process, used here: commands
 /// act on the opener's address space, and copy to and from ours.
 fn foreign_mm() -> TestResult {
@@ -1227,12 +1217,12 @@ mod tests {
             0
         );
         let file = mem::temp_file(4096).unwrap();
-        mem::pwrite_all(file.as_raw_fd(), b"hi", 0).unwrap();
+        mem::pwrite_all(&file, b"hi", 0).unwrap();
         send_fd(sv[0], file.as_raw_fd()).unwrap();
         let got = recv_fd(sv[1]).unwrap();
         assert_ne!(got.as_raw_fd(), file.as_raw_fd());
         let mut b = [0u8; 2];
-        mem::pread_all(got.as_raw_fd(), &mut b, 0).unwrap();
+        mem::pread_all(&got, &mut b, 0).unwrap();
         assert_eq!(&b, b"hi");
         // SAFETY: closes the socket pair.
         unsafe {

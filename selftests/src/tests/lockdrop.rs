@@ -423,7 +423,7 @@ fn file_read() -> TestResult {
     for (i, page) in data.chunks_mut(ps).enumerate() {
         fill_other(i, page);
     }
-    mem::pwrite_all(file.as_raw_fd(), &data, 0)?;
+    mem::pwrite_all(&file, &data, 0)?;
     let map = Mapping::new(n * ps, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd())?;
     let out = Mapping::rw(n * ps)?;
     let c = d.read_unlockable(map.addr(), out.addr(), n)?;

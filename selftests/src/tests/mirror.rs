@@ -275,7 +275,7 @@ fn file_read() -> TestResult {
     for (i, w) in mirror.words_mut().iter_mut().enumerate() {
         *w = i as u32;
     }
-    mem::pwrite_all(file.as_raw_fd(), mirror.bytes(), 0)?;
+    mem::pwrite_all(&file, mirror.bytes(), 0)?;
     mirror.bytes_mut().fill(0);
     let buf = Mapping::new(size, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd())?;
     let c = d.read(buf.addr(), mirror.addr(), npages(size))?;
@@ -298,7 +298,7 @@ fn file_write() -> TestResult {
     ensure_eq!(c.faults, 1);
     check_each("mapping after device write", buf.words(), |i| i as u32)?;
     mirror.bytes_mut().fill(0);
-    mem::pread_all(file.as_raw_fd(), mirror.bytes_mut(), 0)?;
+    mem::pread_all(&file, mirror.bytes_mut(), 0)?;
     check_each("file contents after device write", mirror.words(), |i| {
         i as u32
     })

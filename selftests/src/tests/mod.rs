@@ -3,6 +3,7 @@
 //! The test cases, grouped by theme. Names are `group.case`.
 
 use crate::harness::Test;
+use std::io;
 
 mod badinput;
 mod hostile;
@@ -27,6 +28,19 @@ pub fn all() -> Vec<&'static Test> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// waitpid() for a child of the test itself, retried on EINTR; the
+/// status, or 0 if the child is gone.
+fn reap(pid: libc::pid_t) -> i32 {
+    let mut st = 0;
+    loop {
+        // SAFETY: waits for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+        if r == pid || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return st;
+        }
+    }
 }
 
 #[cfg(test)]

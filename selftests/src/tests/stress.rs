@@ -19,6 +19,7 @@
 
 use super::lockdrop::{fill_handler, UffdRegion, HANDLER_SEED};
 use super::ops::{Op, OPS};
+use super::reap;
 use crate::check::pattern;
 use crate::dmirror::{errno_name, ioctl_raw, page_size, Dmirror};
 use crate::harness::{describe, Failure, Test, TestResult};
@@ -569,17 +570,6 @@ fn mutate(
         }
     }
     Ok(m)
-}
-
-fn reap(pid: libc::pid_t) -> i32 {
-    let mut st = 0;
-    loop {
-        // SAFETY: waits for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
-        if r == pid || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return st;
-        }
-    }
 }
 
 /// Reap `pid` within `within`, or report where its threads are, SIGKILL
