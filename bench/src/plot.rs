@@ -190,7 +190,10 @@ fn ratio_panel(area: &Area, rows: &[Row]) -> R<()> {
     let lo = spans.iter().flatten().map(|s| s.1).fold(0.5f64, f64::min) * 0.9;
     let hi = spans.iter().flatten().map(|s| s.2).fold(2.0f64, f64::max) * 1.3;
     let mut chart = ChartBuilder::on(area)
-        .caption("Rust / C pages/s (>= 1: Rust as fast or faster)", (FONT, 20))
+        .caption(
+            "Rust / C pages/s (>= 1: Rust as fast or faster)",
+            (FONT, 20),
+        )
         .margin(10)
         .x_label_area_size(45)
         .y_label_area_size(0)

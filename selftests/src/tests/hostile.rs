@@ -25,16 +25,16 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub const TESTS: &[Test] = &[
-    Test::new("hostile.read", read),
-    Test::new("hostile.write", write),
-    Test::new("hostile.migrate_to_dev", migrate_to_dev),
-    Test::new("hostile.migrate_to_sys", migrate_to_sys),
-    Test::new("hostile.snapshot", snapshot),
-    Test::new("hostile.exclusive", exclusive),
-    Test::new("hostile.check_exclusive", check_exclusive),
-    Test::new("hostile.release", release),
-    Test::new("hostile.flags", flags),
-    Test::new("hostile.read_unlockable", read_unlockable),
+    Test::new("hostile.read", || run_op(Op::Read)),
+    Test::new("hostile.write", || run_op(Op::Write)),
+    Test::new("hostile.migrate_to_dev", || run_op(Op::MigrateToDev)),
+    Test::new("hostile.migrate_to_sys", || run_op(Op::MigrateToSys)),
+    Test::new("hostile.snapshot", || run_op(Op::Snapshot)),
+    Test::new("hostile.exclusive", || run_op(Op::Exclusive)),
+    Test::new("hostile.check_exclusive", || run_op(Op::CheckExclusive)),
+    Test::new("hostile.release", || run_op(Op::Release)),
+    Test::new("hostile.flags", || run_op(Op::Flags)),
+    Test::new("hostile.read_unlockable", || run_op(Op::ReadUnlockable)),
     Test::new("hostile.unknown_cmd", unknown_cmd),
     Test::new("hostile.mmap", mmap),
     Test::new("hostile.foreign_mm", foreign_mm),
@@ -566,37 +566,6 @@ fn run_op(op: Op) -> TestResult {
         t.check(&what, got, want);
     }
     t.finish()
-}
-
-fn read() -> TestResult {
-    run_op(Op::Read)
-}
-fn write() -> TestResult {
-    run_op(Op::Write)
-}
-fn migrate_to_dev() -> TestResult {
-    run_op(Op::MigrateToDev)
-}
-fn migrate_to_sys() -> TestResult {
-    run_op(Op::MigrateToSys)
-}
-fn snapshot() -> TestResult {
-    run_op(Op::Snapshot)
-}
-fn exclusive() -> TestResult {
-    run_op(Op::Exclusive)
-}
-fn check_exclusive() -> TestResult {
-    run_op(Op::CheckExclusive)
-}
-fn release() -> TestResult {
-    run_op(Op::Release)
-}
-fn flags() -> TestResult {
-    run_op(Op::Flags)
-}
-fn read_unlockable() -> TestResult {
-    run_op(Op::ReadUnlockable)
 }
 
 /// Command words the driver does not implement. C copies the struct in

@@ -141,7 +141,9 @@ fn invalidate_while_waiting() -> TestResult {
         r.uffd.copy(r.page(p), &page)?;
         answered[p] += 1;
         if answered.iter().all(|&a| a > 0) && answered[ZAP] == 2 {
-            break rx.recv_timeout(PROMPT).map_err(|_| "the read did not end".to_string())?;
+            break rx
+                .recv_timeout(PROMPT)
+                .map_err(|_| "the read did not end".to_string())?;
         }
     };
     reader.join().map_err(|_| "reader panicked".to_string())?;
@@ -150,7 +152,10 @@ fn invalidate_while_waiting() -> TestResult {
     diag!("the handler answered page {ZAP} {} times", answered[ZAP]);
     ensure_eq!(answered[ZAP], 2, "the zapped page must be faulted again");
     ensure!(
-        answered.iter().enumerate().all(|(p, &a)| p == ZAP || a == 1),
+        answered
+            .iter()
+            .enumerate()
+            .all(|(p, &a)| p == ZAP || a == 1),
         "other pages answered more than once: {answered:?}"
     );
     check_each("device read", out.bytes(), |i| {
