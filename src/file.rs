@@ -6,8 +6,8 @@
 use crate::{
     device::Device,
     hmm::{
-        self, DevicePageTable, Event, HmmRange, Invalidation, Mirror, MirrorOps, MirroredAccess,
-        Owner, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT,
+        self, Deadline, DevicePageTable, Event, HmmRange, Invalidation, Mirror, MirrorOps,
+        MirroredAccess, Owner, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -20,7 +20,6 @@ use kernel::{
     page::{Page, PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
     sync::aref::ARef,
-    time::{Delta, Instant, Monotonic},
     uaccess::{UserPtr, UserSlice},
 };
 use pin_init::stack_try_pin_init;
@@ -29,7 +28,7 @@ use pin_init::stack_try_pin_init;
 const WINDOW_PAGES: usize = 32;
 /// How long a fault or snapshot retries invalidated ranges before it gives
 /// up with `EBUSY` (`HMM_RANGE_DEFAULT_TIMEOUT`).
-const RANGE_TIMEOUT_MS: i64 = 1000;
+const RANGE_TIMEOUT_MS: u32 = 1000;
 
 /// The mirror of an open file ignores its own device's migrations: a
 /// migration updates the device page table itself.
@@ -43,7 +42,7 @@ impl MirrorOps for FileMirrorOps {
     }
 }
 
-/// A mirror that only detects invalidations, for one snapshot window. It
+/// A mirror that only detects invalidations, for one snapshot. It
 /// sees every event, the device's own migrations included.
 struct SnapshotOps;
 impl MirrorOps for SnapshotOps {}
@@ -254,15 +253,16 @@ impl DmirrorFile {
             UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.pages() as usize).writer();
         let owner = self.device.owner();
         let mut perms = [0u8; WINDOW_PAGES];
+        // A notifier of its own sees the device's own migrations too, which
+        // the file's mirror ignores. C inserts one per window; one over the
+        // whole span costs one insertion, and an invalidation elsewhere in
+        // the span only retries the window at hand.
+        stack_try_pin_init!(let watch =? Mirror::new(&mm, span.start, span.end - span.start, SnapshotOps));
+        let mut range = HmmRange::<_, WINDOW_PAGES>::new(&watch, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
             let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
             let n = (next - addr) >> PAGE_SHIFT;
-            // A notifier of its own over the window sees the device's own
-            // migrations too, which the file's mirror ignores.
-            stack_try_pin_init!(let window =? Mirror::new(&mm, addr, next - addr, SnapshotOps));
-            let mut range =
-                HmmRange::<_, WINDOW_PAGES>::new(&window, Request::Snapshot, Some(owner));
             range.set_window(addr, next)?;
             retry_until_valid(&mut range, &mm, |range| {
                 let Some(locked) = range.lock_if_valid() else {
@@ -310,9 +310,9 @@ fn retry_until_valid<T: MirrorOps>(
     mm: &MmWithUser,
     mut finish: impl FnMut(&HmmRange<'_, T, WINDOW_PAGES>) -> Result<bool>,
 ) -> Result {
-    let started = Instant::<Monotonic>::now();
+    let deadline = Deadline::after_ms(RANGE_TIMEOUT_MS);
     loop {
-        if started.elapsed() > Delta::from_millis(RANGE_TIMEOUT_MS) {
+        if deadline.has_passed() {
             return Err(EBUSY);
         }
         let lock = range.begin(mm)?;

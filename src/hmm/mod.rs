@@ -29,7 +29,11 @@ pub use mmap_lock::MmapReadGuard;
 pub use page_table::{DevicePageTable, MirroredAccess};
 pub use range::{HmmRange, LockedRange, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT};
 
-use kernel::{bindings, ffi::c_void};
+use kernel::{
+    bindings,
+    ffi::{c_long, c_ulong, c_void},
+    time::{msecs_to_jiffies, Msecs},
+};
 
 /// An identity for device memory: the `owner` of a `dev_pagemap`, of a
 /// migration, or of an mmu notifier event.
@@ -58,4 +62,30 @@ impl Owner {
 pub fn fatal_signal_pending() -> bool {
     // SAFETY: `current` is valid in the process context that calls this.
     unsafe { bindings::fatal_signal_pending(bindings::get_current()) != 0 }
+}
+
+/// A point in time, in jiffies, for loops that give up after a while, as
+/// C's `time_after(jiffies, timeout)`. Reading `jiffies` costs a load,
+/// where a clock read would cost more than a whole retry attempt's check.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(c_ulong);
+
+impl Deadline {
+    /// `ms` milliseconds from now.
+    pub fn after_ms(ms: Msecs) -> Self {
+        Deadline(jiffies().wrapping_add(msecs_to_jiffies(ms)))
+    }
+
+    /// Whether the deadline is behind us.
+    pub fn has_passed(self) -> bool {
+        // `time_after(jiffies, self)`: the difference, read as signed,
+        // stays right across a wrap of the counter.
+        (self.0.wrapping_sub(jiffies()) as c_long) < 0
+    }
+}
+
+fn jiffies() -> c_ulong {
+    // SAFETY: `jiffies` is a word that the timer tick updates; a volatile
+    // read of it is what C's `jiffies` macro is.
+    unsafe { core::ptr::read_volatile(&raw const bindings::jiffies) }
 }

@@ -325,9 +325,9 @@ impl ValidPfn<'_> {
     /// log2 of the size of the CPU mapping of the page: `PAGE_SHIFT`, or
     /// `PMD_SHIFT`/`PUD_SHIFT` for huge mappings.
     pub fn map_shift(&self) -> u32 {
-        // SAFETY: Decoding only looks at the flag bits of the value.
-        let order = unsafe { bindings::hmm_pfn_to_map_order(self.raw) };
-        order + PAGE_SHIFT as u32
+        // `hmm_pfn_to_map_order()`, decoded here: this runs once per page.
+        let order = (self.raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f;
+        order as u32 + PAGE_SHIFT as u32
     }
 
     pub(super) fn page_ptr(&self) -> Option<NonNull<bindings::page>> {
@@ -341,20 +341,27 @@ impl ValidPfn<'_> {
     /// The kind of page present, if any.
     pub fn page_kind(&self) -> Option<PageKind> {
         let page = self.page_ptr()?.as_ptr();
-        // SAFETY: By the type invariant `page` is allocated for `'_`. A
-        // ZONE_DEVICE page always has a pagemap, live while its pages are.
-        let kind = unsafe {
-            if bindings::is_device_private_page(page) {
-                PageKind::DevicePrivate(Owner::from_ptr((*bindings::page_pgmap(page)).owner))
-            } else if bindings::is_device_coherent_page(page) {
-                PageKind::DeviceCoherent(Owner::from_ptr((*bindings::page_pgmap(page)).owner))
-            } else if bindings::is_zero_pfn(bindings::page_to_pfn(page)) != 0 {
-                PageKind::Zero
-            } else {
-                PageKind::System
-            }
-        };
-        Some(kind)
+        // Most pages are ordinary memory: one test tells, before the
+        // pagemap of a ZONE_DEVICE page is looked at.
+        // SAFETY: By the type invariant `page` is allocated for `'_`.
+        if !unsafe { bindings::is_zone_device_page(page) } {
+            let pfn = self.raw & !bindings::hmm_pfn_flags_HMM_PFN_FLAGS;
+            // SAFETY: Compares a number with the zero page's pfn.
+            let zero = unsafe { bindings::is_zero_pfn(pfn) } != 0;
+            return Some(match zero {
+                true => PageKind::Zero,
+                false => PageKind::System,
+            });
+        }
+        // SAFETY: `page` is a ZONE_DEVICE page, which always has a pagemap,
+        // live while its pages are.
+        let pgmap = unsafe { &*bindings::page_pgmap(page) };
+        let owner = Owner::from_ptr(pgmap.owner);
+        Some(match pgmap.type_ {
+            bindings::memory_type_MEMORY_DEVICE_PRIVATE => PageKind::DevicePrivate(owner),
+            bindings::memory_type_MEMORY_DEVICE_COHERENT => PageKind::DeviceCoherent(owner),
+            _ => PageKind::System,
+        })
     }
 }
 
