@@ -9,7 +9,7 @@ use crate::dmirror::{page_size, Dmirror};
 use crate::harness::{Failure, Test, TestResult};
 use crate::mem::{self, Mapping};
 use crate::uffd::{Answer, Handler, HandlerConfig, Stats, Uffd};
-use crate::{ensure, ensure_eq, skip};
+use crate::{diag, ensure, ensure_eq, skip};
 use hmm_dmirror_uapi::*;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -123,6 +123,23 @@ pub fn check_faults(st: &Stats, base: usize, want: impl Iterator<Item = usize>) 
     Ok(())
 }
 
+/// Device faults a read may take: one, plus one for each invalidation
+/// that erased mirrored pages before the read ended. On a busy kernel
+/// (khugepaged, compaction, a debug config) that happens now and then;
+/// more than a few means the read loop is not making progress.
+const MAX_FAULTS: u64 = 4;
+
+fn check_fault_count(faults: u64) -> TestResult {
+    if faults > 1 {
+        diag!("{faults} device faults: the range was invalidated during the read");
+    }
+    ensure!(
+        (1..=MAX_FAULTS).contains(&faults),
+        "faults {faults}, want 1..={MAX_FAULTS}"
+    );
+    Ok(())
+}
+
 /// Read `n` missing pages through the handler, checking everything.
 fn read_missing(n: usize) -> TestResult {
     let d = Dmirror::open(0)?;
@@ -133,7 +150,7 @@ fn read_missing(n: usize) -> TestResult {
     let c = d.read_unlockable(r.base(), out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, r.base(), 0..n)?;
     check_pages("device read", out.bytes(), |_| HANDLER_SEED)?;
     // The CPU sees what the device saw.
@@ -165,7 +182,7 @@ fn partly_populated() -> TestResult {
     let c = d.read_unlockable(r.base(), out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, r.base(), (0..n).filter(|&i| !present(i)))?;
     check_pages("device read", out.bytes(), |i| {
         if present(i) {
@@ -194,7 +211,7 @@ fn partly_mirrored() -> TestResult {
     let c = d.read_unlockable(r.base(), out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, r.base(), n / 2..n)?;
     check_pages("device read", out.bytes(), |i| {
         if i < n / 2 {
@@ -223,7 +240,7 @@ fn across_vmas() -> TestResult {
     let c = d.read_unlockable(base, out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, base, 32..64)?;
     check_pages("device read", out.bytes(), |i| {
         if registered(i) {
@@ -251,7 +268,7 @@ fn slow_handler() -> TestResult {
     let took = start.elapsed();
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, r.base(), 0..n)?;
     ensure!(
         took >= delay * n as u32,
@@ -276,7 +293,7 @@ fn zeropage() -> TestResult {
     let c = d.read_unlockable(r.base(), out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, r.base(), 0..n)?;
     check_each("device read", out.bytes(), |_| 0)?;
     let c = d.snapshot(r.base(), out.addr(), n)?;
@@ -323,7 +340,7 @@ fn hugetlbfs() -> TestResult {
     let c = d.read_unlockable(map.addr(), out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     ensure_eq!(st.faults, [map.addr()], "huge pages resolved");
     check_pages("device read", out.bytes(), |_| HANDLER_SEED)
 }
@@ -355,8 +372,11 @@ fn concurrent_readers() -> TestResult {
     check_faults(&st, base, 0..n)?;
     for (k, (out, cpages, faults)) in outs.iter().enumerate() {
         ensure_eq!(*cpages, n as u64, "reader {k}");
-        // Another reader's faults may invalidate nothing: pages only appear.
-        ensure_eq!(*faults, 1, "reader {k}");
+        // Another reader's faults invalidate nothing: pages only appear.
+        ensure!(
+            (1..=MAX_FAULTS).contains(faults),
+            "reader {k}: faults {faults}, want 1..={MAX_FAULTS}"
+        );
         check_pages(&format!("reader {k}"), out.bytes(), |_| HANDLER_SEED)?;
     }
     Ok(())
@@ -382,7 +402,7 @@ fn refault_after_zap() -> TestResult {
     let c = d.read_unlockable(r.base(), out.addr(), n)?;
     let st = h.stop()?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_faults(&st, r.base(), 0..n)?;
     check_pages("read after zap", out.bytes(), |_| OTHER_SEED)
 }
@@ -400,7 +420,7 @@ fn no_uffd() -> TestResult {
     out.bytes_mut().fill(0xEE);
     let c = d.read_unlockable(map.addr(), out.addr(), n)?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     let half = n / 2 * ps;
     check_pages("written half", &out.bytes()[..half], |_| OTHER_SEED)?;
     check_each("untouched half", &out.bytes()[half..], |_| 0)?;
@@ -428,7 +448,7 @@ fn file_read() -> TestResult {
     let out = Mapping::rw(n * ps)?;
     let c = d.read_unlockable(map.addr(), out.addr(), n)?;
     ensure_eq!(c.cpages, n as u64);
-    ensure_eq!(c.faults, 1);
+    check_fault_count(c.faults)?;
     check_pages("device read of the file", out.bytes(), |_| OTHER_SEED)
 }
 
