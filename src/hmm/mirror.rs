@@ -275,6 +275,22 @@ impl<T: MirrorOps> MirrorGuard<'_, T> {
     pub fn mirror(&self) -> &Mirror<T> {
         self.mirror
     }
+
+    /// Maps `page` at `index` with `access`.
+    ///
+    /// # Safety
+    ///
+    /// `page` must stay allocated until an invalidation of the mirror
+    /// covers `index`, as the [`DevicePageTable`] invariant requires.
+    pub(super) unsafe fn store_raw(
+        &self,
+        index: usize,
+        page: *mut bindings::page,
+        access: super::MirroredAccess,
+    ) -> Result {
+        let page = core::ptr::NonNull::new(page).ok_or(EFAULT)?;
+        self.table.store_page(index, page, access)
+    }
 }
 
 impl<T: MirrorOps> Deref for MirrorGuard<'_, T> {

@@ -5,7 +5,8 @@
 use kernel::{
     bindings,
     error::to_result,
-    mm::MmWithUser,
+    ffi::c_ulong,
+    mm::{virt::VmaRef, MmWithUser},
     prelude::*,
     types::NotThreadSafe, //
 };
@@ -53,6 +54,18 @@ impl<'a> MmapReadGuard<'a> {
     /// The address space whose lock this is.
     pub fn mm(&self) -> &'a MmWithUser {
         self.mm
+    }
+
+    /// The VMA that contains `addr`, if any; valid while the lock is held.
+    pub fn vma_lookup(&self, addr: usize) -> Option<&VmaRef> {
+        // SAFETY: The mmap read lock of `mm` is held, as `vma_lookup` needs.
+        let vma = unsafe { bindings::vma_lookup(self.mm.as_raw(), addr as c_ulong) };
+        if vma.is_null() {
+            return None;
+        }
+        // SAFETY: `vma` is a VMA of `mm`, valid while its mmap read lock is
+        // held, which is for as long as `self` is borrowed.
+        Some(unsafe { VmaRef::from_raw(vma) })
     }
 
     /// Disposes of the guard without unlocking, after C code released the

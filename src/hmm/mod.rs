@@ -16,17 +16,35 @@
 //! - [`MmapReadGuard`]: the mmap read lock, as a value that the lock-drop
 //!   path ([`HmmRange::fault_unlockable`]) consumes and gives back only if
 //!   the lock is still held.
+//! - [`Pagemap`] and [`DevicePool`]: device-private memory, simulated with
+//!   a system page behind every device page; [`PagemapOps`] is what the
+//!   device does on CPU faults (`migrate_to_ram`) and frees.
+//! - [`Migration`]: `migrate_vma_*`, its setup → pages → finalize order
+//!   enforced by the types [`Collected`] and [`Migrated`].
 //!
 //! This module is the only place of the crate with `unsafe` code.
 
+mod exclusive;
+mod migrate;
 mod mirror;
 mod mmap_lock;
 mod page_table;
+mod pagemap;
+mod pool;
 mod range;
 
+pub use exclusive::ExclusivePage;
+pub use migrate::{
+    Collected, Destination, Migrated, Migration, Select, Source, SystemPage, SystemPageRef,
+    MAX_MIGRATE_PAGES,
+};
 pub use mirror::{Event, Invalidation, Mirror, MirrorGuard, MirrorOps, Seq};
 pub use mmap_lock::MmapReadGuard;
 pub use page_table::{DevicePageTable, MirroredAccess};
+pub use pagemap::{
+    CpuFault, DevicePage, DevicePageRef, FaultError, Pagemap, PagemapOps, CHUNK_SIZE,
+};
+pub use pool::{init_pools, DevicePool, MAX_POOLS};
 pub use range::{HmmRange, LockedRange, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT};
 
 use kernel::{

@@ -2,7 +2,11 @@
 
 //! The device page table: which CPU pages the device currently maps.
 
-use super::ValidPfn;
+use super::{
+    exclusive::ExclusivePage,
+    pagemap::{DevicePageRef, Pagemap},
+    ValidPfn,
+};
 use core::ptr::NonNull;
 use kernel::{
     alloc::{Allocator, Vec},
@@ -29,7 +33,8 @@ pub enum MirroredAccess {
 /// A device page table: page frame index (virtual address >> `PAGE_SHIFT`)
 /// to the `struct page` mapped there and the device's access to it.
 ///
-/// It holds no page references, as a device page table would not: the
+/// It holds no page references, as a device page table would not (but
+/// for exclusive-access entries, see [`Self::store_exclusive`]): the
 /// [`Mirror`](super::Mirror) that owns it clears an address range before
 /// the CPU unmaps it, and is the only way to reach the table.
 ///
@@ -38,8 +43,12 @@ pub enum MirroredAccess {
 /// - `xa` is an initialized XArray whose entries are `struct page` pointers
 ///   tagged with a [`MirroredAccess`].
 /// - Every page in it stays allocated while it is in the table: entries
-///   come from [`ValidPfn`]s, and the owning mirror erases them when the CPU
-///   mapping is invalidated, under the lock that guards the table.
+///   come from [`ValidPfn`]s, or are the backing pages of device pages
+///   that the CPU maps (a device page keeps its backing page while it is
+///   allocated), and the owning mirror erases them when the CPU mapping is
+///   invalidated, under the lock that guards the table.
+/// - An entry tagged [`MirroredAccess::Atomic`] owns a reference to its
+///   page.
 #[pin_data(PinnedDrop)]
 pub struct DevicePageTable {
     #[pin]
@@ -84,6 +93,19 @@ impl DevicePageTable {
     /// Fails with `EFAULT` if `pfn` has no page.
     pub fn store(&self, index: usize, pfn: &ValidPfn<'_>) -> Result {
         let page = pfn.page_ptr().ok_or(EFAULT)?;
+        // A device-private page is stored by its backing page, which holds
+        // its data; one this abstraction did not make is not mirrored.
+        // SAFETY: By the invariant of `ValidPfn` the page stays allocated
+        // while its mirror's lock is held, as it is for `pfn`'s lifetime.
+        let page = if unsafe { bindings::is_device_private_page(page.as_ptr()) } {
+            // SAFETY: As above.
+            let pagemap = unsafe { Pagemap::of_page(page.as_ptr()) }.ok_or(EFAULT)?;
+            // INVARIANT: A mapped device page is allocated, so it has a
+            // backing page, valid while the device page is.
+            NonNull::new(DevicePageRef { page, pagemap }.backing()).ok_or(EFAULT)?
+        } else {
+            page
+        };
         let access = if pfn.is_writable() {
             MirroredAccess::Write
         } else {
@@ -92,7 +114,7 @@ impl DevicePageTable {
         self.store_page(index, page, access)
     }
 
-    fn store_page(
+    pub(super) fn store_page(
         &self,
         index: usize,
         page: NonNull<bindings::page>,
@@ -102,11 +124,49 @@ impl DevicePageTable {
         let entry = unsafe { bindings::xa_tag_pointer(page.as_ptr().cast(), access as c_ulong) };
         // GFP_ATOMIC, as in C: the lock around the table is also taken by
         // invalidations that memory reclaim may start.
-        // SAFETY: `self.xa` is initialized. INVARIANT: `page` comes from a
-        // `ValidPfn`, so it is valid until the mirror erases it.
+        // SAFETY: `self.xa` is initialized. INVARIANT: The caller gives a
+        // page that stays valid until the mirror erases it, and a reference
+        // with an `Atomic` one.
         let old = unsafe { bindings::xa_store(self.xa.get(), index, entry, bindings::GFP_ATOMIC) };
         // SAFETY: `xa_err` only decodes the entry.
-        kernel::error::to_result(unsafe { bindings::xa_err(old) })
+        kernel::error::to_result(unsafe { bindings::xa_err(old) })?;
+        // SAFETY: `old` was an entry of the table, and is one no more.
+        unsafe { Self::release(old) };
+        Ok(())
+    }
+
+    /// Drops what a removed entry owned: the page reference of an `Atomic`
+    /// entry.
+    ///
+    /// # Safety
+    ///
+    /// `entry` was an entry of the table (or null), and no longer is.
+    unsafe fn release(entry: *mut c_void) {
+        // SAFETY: Reading the tag only looks at the low bits of the entry.
+        if entry.is_null()
+            || unsafe { bindings::xa_pointer_tag(entry) } != MirroredAccess::Atomic as u32
+        {
+            return;
+        }
+        // SAFETY: By the type invariant an `Atomic` entry owns a reference
+        // to its page, which the caller hands over.
+        unsafe { bindings::put_page(bindings::xa_untag_pointer(entry).cast()) };
+    }
+
+    /// Maps `page`, which the device now has exclusive access to, at
+    /// `index`. The entry holds a reference to the page until it is erased,
+    /// so it never outlives the page, whatever happens to the CPU mapping.
+    pub fn store_exclusive(&self, index: usize, page: &ExclusivePage<'_>) -> Result {
+        let page = page.page();
+        // SAFETY: `page` is referenced while `ExclusivePage` is borrowed;
+        // this takes a reference of the table's own.
+        unsafe { bindings::get_page(page.as_ptr()) };
+        let stored = self.store_page(index, page, MirroredAccess::Atomic);
+        if stored.is_err() {
+            // SAFETY: Not stored: give back the reference taken above.
+            unsafe { bindings::put_page(page.as_ptr()) };
+        }
+        stored
     }
 
     /// Appends a copy of the page at `index` to `dst`, which must have
@@ -194,9 +254,10 @@ impl DevicePageTable {
     /// Erases the entries for indices `first..=last`.
     pub(super) fn erase(&self, first: usize, last: usize) {
         self.for_each_present(first, last, |index, _| {
-            // SAFETY: `self.xa` is initialized. The table holds no page
-            // references, so dropping the entry needs nothing else.
-            unsafe { bindings::xa_erase(self.xa.get(), index) };
+            // SAFETY: `self.xa` is initialized.
+            let old = unsafe { bindings::xa_erase(self.xa.get(), index) };
+            // SAFETY: `old` was an entry of the table, and is one no more.
+            unsafe { Self::release(old) };
             true
         });
     }
@@ -205,6 +266,7 @@ impl DevicePageTable {
 #[pinned_drop]
 impl PinnedDrop for DevicePageTable {
     fn drop(self: Pin<&mut Self>) {
+        self.erase(0, usize::MAX);
         // SAFETY: `self.xa` is initialized and no longer used after this.
         unsafe { bindings::xa_destroy(self.xa.get()) };
     }

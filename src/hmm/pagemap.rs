@@ -1,0 +1,492 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Device-private memory: a `dev_pagemap` of `MEMORY_DEVICE_PRIVATE` pages
+//! and the pages it hands out.
+//!
+//! C header: [`include/linux/memremap.h`](srctree/include/linux/memremap.h).
+//!
+//! A [`Pagemap`] is one chunk of device memory: a free physical address
+//! range from `request_free_mem_region()`, given `struct page`s by
+//! `memremap_pages()`. The CPU cannot reach device-private memory; a
+//! device keeps the data. This abstraction simulates that device memory
+//! the way `lib/test_hmm.c` does: every allocated [`DevicePage`] owns a
+//! system page, its *backing* page, that holds its data. The backing page
+//! pointer lives in the device page's `zone_device_data`, and is freed with
+//! the device page (`folio_free`).
+//!
+//! Several pagemaps may share one [`Owner`], which identifies them to
+//! `hmm_range_fault()` and to migrations.
+
+use super::Owner;
+use core::ptr::NonNull;
+use kernel::{
+    bindings,
+    c_str,
+    ffi::c_ulong,
+    new_spinlock,
+    page::PAGE_SHIFT,
+    prelude::*,
+    sync::{Arc, SpinLock},
+    types::Opaque, //
+};
+
+/// Size of one pagemap, as in C (`DEVMEM_CHUNK_SIZE`).
+pub const CHUNK_SIZE: usize = 256 << 20;
+const CHUNK_PAGES: usize = CHUNK_SIZE >> PAGE_SHIFT;
+
+/// `GFP_HIGHUSER` (`GFP_USER | __GFP_HIGHMEM`), which the bindings lack.
+pub(super) const GFP_HIGHUSER: bindings::gfp_t =
+    bindings::GFP_KERNEL | (1 << bindings::___GFP_HARDWALL_BIT) | bindings::__GFP_HIGHMEM;
+/// `GFP_HIGHUSER_MOVABLE`, for pages that will be mapped to user space.
+pub(super) const GFP_HIGHUSER_MOVABLE: bindings::gfp_t =
+    GFP_HIGHUSER | (1 << bindings::___GFP_MOVABLE_BIT);
+
+/// What a device does for the pages of its [`Pagemap`]s
+/// (`struct dev_pagemap_ops`).
+pub trait PagemapOps: Send + Sync {
+    /// The CPU touched a device-private page of `pagemap` (`migrate_to_ram`):
+    /// migrate it back to system memory, for example with
+    /// [`Migration::setup_fault`](super::Migration::setup_fault). The fault
+    /// is retried when this returns.
+    fn migrate_to_ram(&self, pagemap: &Pagemap, fault: &CpuFault<'_>) -> Result<(), FaultError>;
+
+    /// A page of `pagemap` was freed (`folio_free`), after its backing page
+    /// was. The page is back on the pagemap's free list, unless the pagemap
+    /// is being removed. Called in any context; must not sleep.
+    fn folio_free(&self, _pagemap: &Pagemap) {}
+}
+
+/// Why a [`PagemapOps::migrate_to_ram`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultError {
+    /// Out of memory (`VM_FAULT_OOM`).
+    Oom,
+    /// The access cannot be satisfied (`VM_FAULT_SIGBUS`).
+    Sigbus,
+}
+
+/// A CPU fault on a device-private page, as `migrate_to_ram` sees it.
+///
+/// # Invariants
+///
+/// `vmf` is the fault being handled: its VMA is locked (mmap or VMA read
+/// lock) and its `page`, a device page of a live [`Pagemap`], is referenced
+/// for `'a`.
+pub struct CpuFault<'a> {
+    pub(super) vmf: &'a bindings::vm_fault,
+}
+
+impl CpuFault<'_> {
+    /// The faulting virtual address.
+    pub fn address(&self) -> usize {
+        self.vmf.__bindgen_anon_1.address as usize
+    }
+
+    /// Whether the page was found through a PTE (a small mapping), rather
+    /// than a PMD.
+    pub fn is_pte(&self) -> bool {
+        !self.vmf.pte.is_null()
+    }
+}
+
+/// The free pages of a pagemap, and whether it is going away.
+struct FreeList {
+    /// Indices of free pages. Its capacity is the pagemap's page count, so
+    /// pushing back a freed page never allocates.
+    free: KVVec<u32>,
+    /// Pages handed out and not freed yet.
+    allocated: usize,
+    /// Set before the pagemap is removed: no more allocations, and freed
+    /// pages do not go back on the list.
+    removing: bool,
+}
+
+/// A physical address range reserved with `request_free_mem_region()`.
+///
+/// # Invariants
+///
+/// `[start, start + size)` is a region of `iomem_resource` that this value
+/// reserved and releases on drop.
+struct MemRegion {
+    start: u64,
+    size: u64,
+}
+
+impl MemRegion {
+    fn request(size: usize) -> Result<Self> {
+        // SAFETY: `iomem_resource` is the static root of the I/O memory
+        // resource tree; the request takes its lock. The name is static.
+        let res = unsafe {
+            bindings::request_free_mem_region(
+                core::ptr::addr_of_mut!(bindings::iomem_resource),
+                size as c_ulong,
+                c_str!("hmm_dmirror").as_char_ptr(),
+            )
+        };
+        if res.is_null() {
+            return Err(ENOMEM);
+        }
+        let res = kernel::error::from_err_ptr(res)?;
+        // SAFETY: `res` is the resource just inserted; it stays until
+        // released below.
+        let (start, end) = unsafe { ((*res).start, (*res).end) };
+        // INVARIANT: The region was just reserved.
+        Ok(Self {
+            start,
+            size: end - start + 1,
+        })
+    }
+}
+
+impl Drop for MemRegion {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant the region is reserved, by us.
+        unsafe {
+            bindings::__release_region(
+                core::ptr::addr_of_mut!(bindings::iomem_resource),
+                self.start,
+                self.size,
+            )
+        };
+    }
+}
+
+/// The ops table of every [`Pagemap`]. Its address tells a pagemap made by
+/// this abstraction from any other.
+static PAGEMAP_OPS: bindings::dev_pagemap_ops = bindings::dev_pagemap_ops {
+    folio_free: Some(Pagemap::folio_free_callback),
+    migrate_to_ram: Some(Pagemap::migrate_to_ram_callback),
+    memory_failure: None,
+    folio_split: None,
+};
+
+/// One chunk of device-private memory: a `dev_pagemap` over
+/// [`CHUNK_SIZE`] bytes of free physical address space, with a free list.
+///
+/// # Invariants
+///
+/// - `pgmap` is mapped with `memremap_pages()` (type `MEMORY_DEVICE_PRIVATE`,
+///   ops [`PAGEMAP_OPS`], owner `owner`, the single range of `region`) from
+///   initialization until drop.
+/// - The `zone_device_data` of each allocated page is a system page that
+///   the device page owns (its backing page); free pages own nothing.
+/// - Every index in `free` is that of a page with refcount zero, at most
+///   once.
+#[pin_data(PinnedDrop)]
+pub struct Pagemap {
+    ops: &'static dyn PagemapOps,
+    owner: Owner,
+    first_pfn: usize,
+    #[pin]
+    free: SpinLock<FreeList>,
+    region: MemRegion,
+    #[pin]
+    pgmap: Opaque<bindings::dev_pagemap>,
+}
+
+// SAFETY: The pagemap is only changed by the mm core and through the free
+// list, which has its own lock.
+unsafe impl Send for Pagemap {}
+// SAFETY: As above.
+unsafe impl Sync for Pagemap {}
+
+impl Pagemap {
+    /// Reserves [`CHUNK_SIZE`] bytes of free physical address space and
+    /// maps device-private pages over it, owned by `owner`. Faults on them
+    /// go to `ops`.
+    pub fn new(owner: Owner, ops: &'static dyn PagemapOps) -> Result<Arc<Self>> {
+        let region = MemRegion::request(CHUNK_SIZE)?;
+        let (start, size) = (region.start, region.size);
+        if size as usize != CHUNK_SIZE {
+            return Err(ENOMEM);
+        }
+        let mut free = KVVec::with_capacity(CHUNK_PAGES, GFP_KERNEL)?;
+        // Handed out from the lowest address up, as C does.
+        for index in (0..CHUNK_PAGES as u32).rev() {
+            free.push(index, GFP_KERNEL)?;
+        }
+        Arc::pin_init(
+            try_pin_init!(Self {
+                ops,
+                owner,
+                first_pfn: (start >> PAGE_SHIFT) as usize,
+                free <- new_spinlock!(
+                    FreeList {
+                        free,
+                        allocated: 0,
+                        removing: false,
+                    },
+                    "Pagemap::free"
+                ),
+                region,
+                // Mapped last: once mapped, the callbacks may run.
+                pgmap <- Opaque::try_ffi_init(move |slot: *mut bindings::dev_pagemap| {
+                    // SAFETY: `slot` is valid for writes of one pagemap;
+                    // zeroes are its documented initial state.
+                    unsafe { slot.write_bytes(0, 1) };
+                    // SAFETY: `slot` was just zeroed; these are plain
+                    // fields, and `range` the union member for one range.
+                    unsafe {
+                        let range = (*slot).__bindgen_anon_1.range.as_mut();
+                        range.start = start;
+                        range.end = start + size - 1;
+                        (*slot).nr_range = 1;
+                        (*slot).type_ = bindings::memory_type_MEMORY_DEVICE_PRIVATE;
+                        (*slot).ops = &PAGEMAP_OPS;
+                        (*slot).owner = owner.as_ptr();
+                    }
+                    // SAFETY: `slot` is a pinned, filled-in pagemap over a
+                    // reserved free range; it is unmapped in `drop`, before
+                    // the range is released. `NUMA_NO_NODE` picks the
+                    // local node.
+                    let ptr = unsafe { bindings::memremap_pages(slot, bindings::NUMA_NO_NODE) };
+                    if ptr.is_null() {
+                        return Err(EFAULT);
+                    }
+                    kernel::error::from_err_ptr(ptr).map(|_| ())
+                }),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// The owner of this pagemap's pages.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// The pagemap of `page`, if it is a device-private page of a
+    /// [`Pagemap`].
+    ///
+    /// # Safety
+    ///
+    /// `page` must be a valid page that stays referenced for `'a`.
+    pub(super) unsafe fn of_page<'a>(page: *mut bindings::page) -> Option<&'a Pagemap> {
+        // SAFETY: `page` is valid, per the caller.
+        if !unsafe { bindings::is_device_private_page(page) } {
+            return None;
+        }
+        // SAFETY: A ZONE_DEVICE page has a pagemap, alive while it is
+        // referenced.
+        let pgmap = unsafe { bindings::page_pgmap(page) };
+        // SAFETY: As above, `pgmap` is valid.
+        if !core::ptr::eq(unsafe { (*pgmap).ops }, &PAGEMAP_OPS) {
+            return None;
+        }
+        // SAFETY: Only `Pagemap::new` maps pagemaps with these ops, and
+        // always as the `pgmap` field of a `Pagemap`, which stays until the
+        // pagemap is unmapped, after its last page is freed.
+        Some(unsafe { &*kernel::container_of!(Opaque::cast_from(pgmap), Pagemap, pgmap) })
+    }
+
+    /// Allocates a page: a device page with a fresh backing page, locked,
+    /// with one reference. Fails with `ENOMEM` when the pagemap is full or
+    /// being removed, or no backing page is available.
+    pub fn alloc_page(&self) -> Result<DevicePage> {
+        // SAFETY: Allocating a page has no precondition.
+        let backing =
+            NonNull::new(unsafe { bindings::alloc_pages_noprof(GFP_HIGHUSER, 0) }).ok_or(ENOMEM)?;
+        let index = {
+            let mut list = self.free.lock();
+            let index = if list.removing { None } else { list.free.pop() };
+            if index.is_some() {
+                list.allocated += 1;
+            }
+            index
+        };
+        let Some(index) = index else {
+            // SAFETY: `backing` was allocated above and is not used.
+            unsafe { bindings::__free_pages(backing.as_ptr(), 0) };
+            return Err(ENOMEM);
+        };
+        // SAFETY: The index is within the mapped range, which has a memmap.
+        let page = unsafe { bindings::pfn_to_page((self.first_pfn + index as usize) as c_ulong) };
+        // SAFETY: By the type invariant the page was free (refcount zero)
+        // and it is ours now; the pagemap is mapped and not being removed.
+        // This takes a pagemap reference, sets the refcount to one and
+        // locks the page.
+        unsafe {
+            bindings::zone_device_folio_init(bindings::page_folio(page), self.pgmap.get(), 0);
+            (*page).__bindgen_anon_1.__bindgen_anon_4.zone_device_data = backing.as_ptr().cast();
+        }
+        // INVARIANT: The page is locked, referenced once and has a backing page.
+        Ok(DevicePage {
+            // SAFETY: `pfn_to_page` of a mapped pfn is not null.
+            page: unsafe { NonNull::new_unchecked(page) },
+        })
+    }
+
+    /// Migrates every page of this pagemap that is in use back to system
+    /// memory (`migrate_device_range`), as C's `dmirror_device_evict_chunk`.
+    /// Pages that cannot be migrated right now (locked or held elsewhere)
+    /// are left where they are.
+    pub fn evict(&self) {
+        super::migrate::evict_range(self.first_pfn, CHUNK_PAGES);
+    }
+
+    /// Pages handed out and not freed yet.
+    pub fn allocated(&self) -> usize {
+        self.free.lock().allocated
+    }
+
+    /// # Safety
+    ///
+    /// Called by the mm core with a folio of a pagemap that uses
+    /// [`PAGEMAP_OPS`], whose refcount dropped to zero.
+    unsafe extern "C" fn folio_free_callback(folio: *mut bindings::folio) {
+        // SAFETY: `folio` is valid for the callback's duration.
+        let page = unsafe { bindings::folio_page(folio, 0) };
+        // SAFETY: The pagemap is live until this page's pagemap reference
+        // is dropped, after this callback; its ops are `PAGEMAP_OPS`.
+        let Some(this) = (unsafe { Self::of_page(page) }) else {
+            return;
+        };
+        // SAFETY: By the type invariant an allocated page owns its backing
+        // page; the device page is free now, so it owns it no longer.
+        unsafe {
+            let data = &mut (*page).__bindgen_anon_1.__bindgen_anon_4.zone_device_data;
+            let backing = core::mem::replace(data, core::ptr::null_mut());
+            if !backing.is_null() {
+                bindings::__free_pages(backing.cast(), 0);
+            }
+        }
+        // SAFETY: `page` belongs to this pagemap's range.
+        let index = (unsafe { bindings::page_to_pfn(page) } as usize) - this.first_pfn;
+        {
+            let mut list = this.free.lock();
+            list.allocated = list.allocated.saturating_sub(1);
+            if !list.removing {
+                // INVARIANT: The page's refcount is zero and it was not on
+                // the list while allocated. The capacity covers every page,
+                // so this never allocates.
+                let _ = list.free.push_within_capacity(index as u32);
+            }
+        }
+        this.ops.folio_free(this);
+    }
+
+    /// # Safety
+    ///
+    /// Called by the mm core for a CPU fault on a device-private page of a
+    /// pagemap that uses [`PAGEMAP_OPS`], with the VMA locked and the page
+    /// referenced.
+    unsafe extern "C" fn migrate_to_ram_callback(
+        vmf: *mut bindings::vm_fault,
+    ) -> bindings::vm_fault_t {
+        // SAFETY: `vmf` is valid for the callback's duration.
+        let vmf = unsafe { &*vmf };
+        // SAFETY: The faulting page is referenced by the fault path.
+        let Some(this) = (unsafe { Self::of_page(vmf.page) }) else {
+            return bindings::vm_fault_reason_VM_FAULT_SIGBUS;
+        };
+        // INVARIANT: This is the fault being handled, per the caller.
+        let fault = CpuFault { vmf };
+        match this.ops.migrate_to_ram(this, &fault) {
+            Ok(()) => 0,
+            Err(FaultError::Oom) => bindings::vm_fault_reason_VM_FAULT_OOM,
+            Err(FaultError::Sigbus) => bindings::vm_fault_reason_VM_FAULT_SIGBUS,
+        }
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Pagemap {
+    fn drop(self: Pin<&mut Self>) {
+        {
+            let mut list = self.free.lock();
+            list.removing = true;
+            list.free.clear();
+        }
+        // Evict until no page is left in use: a page may be locked by a
+        // migration that runs right now, and only be mapped when it ends.
+        // `memunmap_pages()` waits for every page to be freed.
+        let mut rounds = 0u32;
+        while self.allocated() != 0 {
+            self.evict();
+            if self.allocated() == 0 {
+                break;
+            }
+            rounds += 1;
+            if rounds % 100 == 0 {
+                pr_warn!(
+                    "waiting for {} device pages to be freed\n",
+                    self.allocated()
+                );
+            }
+            kernel::time::delay::fsleep(kernel::time::Delta::from_millis(10));
+        }
+        // SAFETY: By the type invariant the pagemap is mapped; it is
+        // unmapped once, before `region` is released (fields drop after
+        // this). No page of it is allocated any more.
+        unsafe { bindings::memunmap_pages(self.pgmap.get()) };
+    }
+}
+
+/// An allocated device page, fresh from [`Pagemap::alloc_page`]: locked,
+/// with the one reference that the allocation gave.
+///
+/// Dropping it unlocks it and puts that reference, which frees it. Giving
+/// it to a migration as a destination hands both over.
+///
+/// # Invariants
+///
+/// `page` is a device page of a live [`Pagemap`], locked by us, with a
+/// reference we own and a backing page.
+pub struct DevicePage {
+    page: NonNull<bindings::page>,
+}
+
+impl DevicePage {
+    /// The backing page, which holds this page's data.
+    pub(super) fn backing(&self) -> *mut bindings::page {
+        // SAFETY: By the type invariant the page is allocated and has a
+        // backing page in `zone_device_data`.
+        unsafe { bindings::folio_zone_device_data(bindings::page_folio(self.page.as_ptr())).cast() }
+    }
+
+    /// Gives the page up, lock and reference included, as a raw pointer.
+    pub(super) fn into_raw(self) -> *mut bindings::page {
+        let page = self.page.as_ptr();
+        core::mem::forget(self);
+        page
+    }
+}
+
+impl Drop for DevicePage {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant the page is locked by us and we own
+        // a reference; after this we own neither.
+        unsafe {
+            bindings::unlock_page(self.page.as_ptr());
+            bindings::put_page(self.page.as_ptr());
+        }
+    }
+}
+
+/// A device-private page of some [`Pagemap`], referenced (and usually
+/// locked) by someone else for `'a`, for example as the source of a
+/// migration.
+///
+/// # Invariants
+///
+/// `page` is an allocated device page of a live [`Pagemap`], so it has a
+/// backing page, and both stay valid for `'a`.
+#[derive(Clone, Copy)]
+pub struct DevicePageRef<'a> {
+    pub(super) page: NonNull<bindings::page>,
+    pub(super) pagemap: &'a Pagemap,
+}
+
+impl<'a> DevicePageRef<'a> {
+    /// The pagemap the page belongs to.
+    pub fn pagemap(&self) -> &'a Pagemap {
+        self.pagemap
+    }
+
+    /// The backing page, which holds the page's data.
+    pub(super) fn backing(&self) -> *mut bindings::page {
+        // SAFETY: By the type invariant the page is allocated and has a
+        // backing page in `zone_device_data`.
+        unsafe { bindings::folio_zone_device_data(bindings::page_folio(self.page.as_ptr())).cast() }
+    }
+}
