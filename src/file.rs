@@ -4,10 +4,11 @@
 //! space, and the ioctls that read and write through it.
 
 use crate::{
-    device::Device,
+    device::{copy_to_system, Device, FLAG_FAIL_ALLOC},
     hmm::{
-        self, Deadline, DevicePageTable, Event, HmmRange, Invalidation, Mirror, MirrorOps,
-        MirroredAccess, Owner, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT,
+        self, Deadline, Destination, DevicePageTable, Event, ExclusivePage, HmmRange,
+        Invalidation, Migration, Mirror, MirrorOps, MirroredAccess, MmapReadGuard, Owner,
+        PageKind, Request, Select, Source, ValidPfn, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -16,7 +17,10 @@ use kernel::{
     alloc::{flags::__GFP_NOWARN, VVec},
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
-    mm::{virt::VmaNew, MmWithUser},
+    mm::{
+        virt::{flags as vm_flags, VmaNew},
+        MmWithUser,
+    },
     page::{Page, PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
     sync::aref::ARef,
@@ -30,15 +34,17 @@ const WINDOW_PAGES: usize = 32;
 /// up with `EBUSY` (`HMM_RANGE_DEFAULT_TIMEOUT`).
 const RANGE_TIMEOUT_MS: u32 = 1000;
 
-/// The mirror of an open file ignores its own device's migrations: a
-/// migration updates the device page table itself.
+/// The mirror of an open file ignores its own device's migrations *to*
+/// the device: such a migration maps the pages it moved itself. It sees
+/// migrations back to system memory (ioctl, CPU fault, eviction) like any
+/// other invalidation, which drops the device pages from every mirror.
 pub(crate) struct FileMirrorOps {
-    owner: Owner,
+    inbound: Owner,
 }
 
 impl MirrorOps for FileMirrorOps {
     fn ignores(&self, invalidation: &Invalidation<'_>) -> bool {
-        invalidation.event() == Event::Migrate && invalidation.owner() == Some(self.owner)
+        invalidation.event() == Event::Migrate && invalidation.owner() == Some(self.inbound)
     }
 }
 
@@ -112,7 +118,9 @@ impl MiscDevice for DmirrorFile {
                     mm,
                     0,
                     usize::MAX & !(PAGE_SIZE - 1),
-                    FileMirrorOps { owner: device.owner() },
+                    FileMirrorOps {
+                        inbound: device.inbound_owner(),
+                    },
                 ),
                 flags: AtomicU64::new(0),
             }),
@@ -138,17 +146,29 @@ impl MiscDevice for DmirrorFile {
             HMM_DMIRROR_SNAPSHOT => me.snapshot(&mut cmd, &span)?,
             HMM_DMIRROR_CHECK_EXCLUSIVE => me.check_exclusive(&span)?,
             HMM_DMIRROR_FLAGS => me.flags.store(cmd.npages, Ordering::Relaxed),
-            // No device memory is allocated yet, so there is none to release.
-            HMM_DMIRROR_RELEASE => {}
-            // Device memory, migration and exclusive access are not ported yet.
-            HMM_DMIRROR_MIGRATE_TO_DEV | HMM_DMIRROR_MIGRATE_TO_SYS | HMM_DMIRROR_EXCLUSIVE => {
-                return Err(EOPNOTSUPP)
+            HMM_DMIRROR_MIGRATE_TO_DEV => me.migrate_to_device(&mut cmd, &span)?,
+            HMM_DMIRROR_MIGRATE_TO_SYS => me.migrate_to_system(&mut cmd, &span)?,
+            // Coherent devices have no device memory here yet.
+            HMM_DMIRROR_RELEASE => {
+                if let Ok(pool) = me.device.pool() {
+                    pool.remove_chunks();
+                }
             }
+            HMM_DMIRROR_EXCLUSIVE => me.exclusive(&mut cmd, &span)?,
             _ => return Err(EINVAL),
         }
 
         writer.write_slice(&cmd.to_ne_bytes())?;
         Ok(0)
+    }
+
+    fn release(me: Pin<KBox<DmirrorFile>>, _file: &File) {
+        // As C, a file closing migrates every page of its device back to
+        // system memory.
+        if let Ok(pool) = me.device.pool() {
+            pool.evict();
+        }
+        drop(me);
     }
 
     fn mmap(_me: Pin<&DmirrorFile>, _file: &File, vma: &VmaNew) -> Result {
@@ -275,6 +295,169 @@ impl DmirrorFile {
             })?;
             out.write_slice(&perms[..n])?;
             cmd.cpages += n as u64;
+            addr = next;
+        }
+        Ok(())
+    }
+
+    /// MIGRATE_TO_DEV: migrates the anonymous pages of `span` to device
+    /// memory, a window of at most `MAX_MIGRATE_PAGES` at a time, maps
+    /// them in the device page table, then copies what the device sees to
+    /// the user buffer. A page that did not migrate is not in the table,
+    /// which fails the read with `ENOENT`, as in C.
+    fn migrate_to_device(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
+        let pool = self.device.pool()?;
+        let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
+        // Before the mmap lock, as `read_begin` may wait. The mirror
+        // ignores this migration's own invalidation, so any other one
+        // since makes `map_into` refuse.
+        let seq = self.mirror.read_begin();
+        let mut mapped = true;
+        {
+            let lock = MmapReadGuard::lock(&mm);
+            let mut addr = span.start;
+            while addr < span.end {
+                let vma = lock
+                    .vma_lookup(addr)
+                    .filter(|vma| vma.flags() & vm_flags::READ != 0)
+                    .ok_or(EINVAL)?;
+                let next = span
+                    .end
+                    .min(addr + MAX_MIGRATE_PAGES * PAGE_SIZE)
+                    .min(vma.end());
+                let mut migration = Migration::setup(
+                    &lock,
+                    vma,
+                    addr,
+                    next,
+                    Select::System,
+                    self.device.inbound_owner(),
+                )?;
+                for index in 0..migration.len() {
+                    let writable = migration.is_writable(index);
+                    let page = match migration.source(index) {
+                        Source::Empty => None,
+                        Source::System(page) => Some(page),
+                        _ => continue,
+                    };
+                    if self.flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC
+                        != 0
+                    {
+                        continue;
+                    }
+                    let Ok(mut dpage) = pool.alloc_page() else {
+                        continue;
+                    };
+                    dpage.copy_from_system(page.as_ref());
+                    migration.set_destination(index, Destination::Device(dpage), writable)?;
+                }
+                let migrated = migration.pages();
+                mapped &= migrated.map_into(&self.mirror.lock(), seq)?;
+                migrated.finalize();
+                addr = next;
+            }
+        }
+        if !mapped {
+            // Something else changed the address space meanwhile: look the
+            // device pages up instead.
+            self.map_device_pages(&mm, span)?;
+        }
+
+        self.read_mapped(cmd, span)
+    }
+
+    /// Copies what the device maps at `span` to the user buffer, without
+    /// faulting: `ENOENT` if a page is not mapped (C's `dmirror_do_read`
+    /// after a migration).
+    fn read_mapped(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
+        let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
+        {
+            let table = self.mirror.lock();
+            for index in (span.start >> PAGE_SHIFT)..(span.end >> PAGE_SHIFT) {
+                if !table.read_page(index, &mut bounce)? {
+                    return Err(ENOENT);
+                }
+            }
+        }
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
+            .writer()
+            .write_slice(&bounce)?;
+        cmd.cpages = span.pages();
+        Ok(())
+    }
+
+    /// EXCLUSIVE: takes exclusive (atomic) access to the pages of `span`,
+    /// mapping each with the `Atomic` tag, then copies them to the user
+    /// buffer (C's `dmirror_exclusive`).
+    fn exclusive(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
+        let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
+        {
+            let lock = MmapReadGuard::lock(&mm);
+            for addr in (span.start..span.end).step_by(PAGE_SIZE) {
+                let page = ExclusivePage::make(&lock, addr, None)?;
+                self.mirror
+                    .lock()
+                    .store_exclusive(addr >> PAGE_SHIFT, &page)?;
+            }
+        }
+        self.read_mapped(cmd, span)
+    }
+
+    /// Maps the pages of `span` that are in this device's memory into the
+    /// device page table, without faulting anything.
+    fn map_device_pages(&self, mm: &MmWithUser, span: &Span) -> Result {
+        let owner = self.device.owner();
+        let mut range =
+            HmmRange::<_, WINDOW_PAGES>::new(&self.mirror, Request::Snapshot, Some(owner));
+        let mut addr = span.start;
+        while addr < span.end {
+            let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
+            range.set_window(addr, next)?;
+            retry_until_valid(&mut range, mm, |range| {
+                let Some(locked) = range.lock_if_valid() else {
+                    return Ok(false);
+                };
+                for (index, pfn) in locked.pfns() {
+                    if pfn.page_kind() == Some(PageKind::DevicePrivate(Some(owner))) {
+                        locked.table().store(index, &pfn)?;
+                    }
+                }
+                Ok(true)
+            })?;
+            addr = next;
+        }
+        Ok(())
+    }
+
+    /// MIGRATE_TO_SYS: migrates this device's pages in `span` back to
+    /// system memory. `cpages` counts the pages that moved.
+    fn migrate_to_system(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
+        // Only devices with device memory migrate.
+        self.device.pool()?;
+        let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
+        let lock = MmapReadGuard::lock(&mm);
+        let mut addr = span.start;
+        while addr < span.end {
+            let vma = lock
+                .vma_lookup(addr)
+                .filter(|vma| vma.flags() & vm_flags::READ != 0)
+                .ok_or(EINVAL)?;
+            let next = span
+                .end
+                .min(addr + MAX_MIGRATE_PAGES * PAGE_SIZE)
+                .min(vma.end());
+            let mut migration = Migration::setup(
+                &lock,
+                vma,
+                addr,
+                next,
+                Select::DevicePrivate,
+                self.device.owner(),
+            )?;
+            copy_to_system(&mut migration, Some(&self.flags))?;
+            let migrated = migration.pages();
+            cmd.cpages += migrated.moved_present() as u64;
+            migrated.finalize();
             addr = next;
         }
         Ok(())

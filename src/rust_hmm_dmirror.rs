@@ -25,7 +25,7 @@ pub mod uapi;
 mod device;
 mod file;
 
-use device::DeviceKind;
+use device::{Device, DeviceKind};
 
 // The uapi crate encodes ioctl numbers by hand for userspace; check it
 // against the kernel's own `_IOWR` for every command.
@@ -66,13 +66,46 @@ const DEVICE_NAMES: [&CStr; device::MAX_DEVICES] = [
 ];
 
 struct DmirrorModule {
+    // Dropped first: no file can be opened once they are gone, and no file
+    // is open while the module is being removed.
     _devices: KVec<Pin<KBox<MiscDeviceRegistration<DmirrorFile>>>>,
+    _memory: DeviceMemory,
+}
+
+/// The device memory of the device-private devices, removed at module
+/// exit after the devices (C's `dmirror_device_remove_chunks`).
+struct DeviceMemory;
+
+impl DeviceMemory {
+    /// Gives each device-private device its first chunk, as C does.
+    fn new() -> Result<Self> {
+        hmm::init_pools();
+        let memory = DeviceMemory;
+        for id in 0..device::MAX_DEVICES {
+            if let Ok(pool) = Device::by_id(id)?.pool() {
+                // On failure, `memory` removes the chunks added so far.
+                pool.add_chunk()?;
+            }
+        }
+        Ok(memory)
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        for id in 0..device::MAX_DEVICES {
+            if let Ok(pool) = Device::by_id(id).and_then(|device| device.pool()) {
+                pool.remove_chunks();
+            }
+        }
+    }
 }
 
 impl kernel::Module for DmirrorModule {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         let coherent = module_parameters::spm_addr_dev0.value() != 0
             && module_parameters::spm_addr_dev1.value() != 0;
+        let memory = DeviceMemory::new()?;
         let mut devices = KVec::new();
         for (id, name) in DEVICE_NAMES.iter().enumerate() {
             if DeviceKind::of(id) == DeviceKind::Coherent && !coherent {
@@ -85,6 +118,9 @@ impl kernel::Module for DmirrorModule {
             devices.push(registration, GFP_KERNEL)?;
         }
         pr_info!("{} devices, coherent: {}\n", devices.len(), coherent);
-        Ok(Self { _devices: devices })
+        Ok(Self {
+            _devices: devices,
+            _memory: memory,
+        })
     }
 }
