@@ -38,15 +38,10 @@ impl DeviceKind {
 
 /// One static per device: its address is the device's identity as the
 /// owner of its pages, of its faults and of its migrations back to system
-/// memory.
+/// memory. Migrations to the device are owned by the file that starts
+/// them (see `FileMirrorOps`).
 struct OwnerTag(#[allow(dead_code)] u8);
 static OWNER_TAGS: [OwnerTag; MAX_DEVICES] = [OwnerTag(0), OwnerTag(1), OwnerTag(2), OwnerTag(3)];
-/// The owner of a device's migrations *to* the device: the device's own
-/// mirrors ignore these invalidations, and map the migrated pages
-/// themselves. Migrations back to system memory use the page owner, which
-/// the mirrors do not ignore, so that they drop the device pages.
-static INBOUND_TAGS: [OwnerTag; MAX_DEVICES] = [OwnerTag(0), OwnerTag(1), OwnerTag(2), OwnerTag(3)];
-
 /// A device, as a file opened on it sees it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Device {
@@ -84,11 +79,6 @@ impl Device {
     /// system memory.
     pub(crate) fn owner(&self) -> Owner {
         Owner::of(&OWNER_TAGS[self.id])
-    }
-
-    /// The owner of this device's migrations to device memory.
-    pub(crate) fn inbound_owner(&self) -> Owner {
-        Owner::of(&INBOUND_TAGS[self.id])
     }
 
     /// The device-private memory of this device; `EOPNOTSUPP` for the

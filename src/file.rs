@@ -34,17 +34,28 @@ const WINDOW_PAGES: usize = 32;
 /// up with `EBUSY` (`HMM_RANGE_DEFAULT_TIMEOUT`).
 const RANGE_TIMEOUT_MS: u32 = 1000;
 
-/// The mirror of an open file ignores its own device's migrations *to*
-/// the device: such a migration maps the pages it moved itself. It sees
-/// migrations back to system memory (ioctl, CPU fault, eviction) like any
-/// other invalidation, which drops the device pages from every mirror.
+/// The mirror of an open file ignores the migrations to the device that
+/// the file itself starts: such a migration maps the pages it moved
+/// itself. It sees every other migration like any other invalidation: one
+/// to the device by another file (even of the same device), and those back
+/// to system memory (ioctl, CPU fault, eviction), which drop the device
+/// pages from every mirror.
 pub(crate) struct FileMirrorOps {
-    inbound: Owner,
+    /// Not zero-sized, so that its address is its own.
+    _id: u8,
+}
+
+impl FileMirrorOps {
+    /// The owner of this file's migrations to the device: the address of
+    /// these ops, which live pinned in the file's mirror.
+    fn inbound(&self) -> Owner {
+        Owner::of_pinned(self)
+    }
 }
 
 impl MirrorOps for FileMirrorOps {
     fn ignores(&self, invalidation: &Invalidation<'_>) -> bool {
-        invalidation.event() == Event::Migrate && invalidation.owner() == Some(self.inbound)
+        invalidation.event() == Event::Migrate && invalidation.owner() == Some(self.inbound())
     }
 }
 
@@ -118,9 +129,7 @@ impl MiscDevice for DmirrorFile {
                     mm,
                     0,
                     usize::MAX & !(PAGE_SIZE - 1),
-                    FileMirrorOps {
-                        inbound: device.inbound_owner(),
-                    },
+                    FileMirrorOps { _id: 0 },
                 ),
                 flags: AtomicU64::new(0),
             }),
@@ -331,7 +340,7 @@ impl DmirrorFile {
                     addr,
                     next,
                     Select::System,
-                    self.device.inbound_owner(),
+                    self.mirror.ops().inbound(),
                 )?;
                 for index in 0..migration.len() {
                     let writable = migration.is_writable(index);
@@ -362,8 +371,15 @@ impl DmirrorFile {
             // device pages up instead.
             self.map_device_pages(&mm, span)?;
         }
-
-        self.read_mapped(cmd, span)
+        match self.read_mapped(cmd, span) {
+            // Pages already on the device before this migration are not
+            // mapped by it; the device may have dropped them since.
+            Err(e) if e == ENOENT && mapped => {
+                self.map_device_pages(&mm, span)?;
+                self.read_mapped(cmd, span)
+            }
+            result => result,
+        }
     }
 
     /// Copies what the device maps at `span` to the user buffer, without

@@ -235,12 +235,15 @@ impl<T: MirrorOps> Mirror<T> {
         // SAFETY: Called from the invalidate callback of this notifier, with
         // the lock held that readers hold for `mmu_interval_read_retry`.
         unsafe { bindings::mmu_interval_set_seq(notifier, cur_seq) };
-        // As `lib/test_hmm.c` does, the last index is inclusive: the page at
-        // `end` is dropped too, which only costs a later refault.
-        table.erase(
-            invalidation.start() >> PAGE_SHIFT,
-            invalidation.end() >> PAGE_SHIFT,
-        );
+        // Exactly the pages of `[start, end)`. (`lib/test_hmm.c` drops the
+        // page at `end` too; that would drop a device page next to one that
+        // a CPU fault migrates back, which nothing maps again.)
+        if invalidation.end() > invalidation.start() {
+            table.erase(
+                invalidation.start() >> PAGE_SHIFT,
+                (invalidation.end() - 1) >> PAGE_SHIFT,
+            );
+        }
         true
     }
 }

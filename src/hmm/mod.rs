@@ -66,6 +66,13 @@ impl Owner {
         Owner(core::ptr::from_ref(object) as usize)
     }
 
+    /// The identity of `object` for as long as it lives at its address,
+    /// for example a field of a pinned object. It must not be zero-sized,
+    /// or it may share its address with other objects.
+    pub fn of_pinned<T>(object: &T) -> Self {
+        Owner(core::ptr::from_ref(object) as usize)
+    }
+
     fn from_ptr(ptr: *mut c_void) -> Option<Self> {
         (!ptr.is_null()).then_some(Owner(ptr as usize))
     }
