@@ -535,10 +535,10 @@ fn skip_reason(case: Case, op: Op) -> &'static str {
 }
 
 /// Every case for one command.
-/// Whether the loaded module serves `op` at all. The Rust module answers
-/// the device-memory commands (migration, exclusive access) with
-/// EOPNOTSUPP until device memory is ported; their hostile cases then
-/// compare nothing and are skipped on that side, by design.
+/// Whether the loaded module serves `op` at all. A module that answers a
+/// command with EOPNOTSUPP (as the Rust module did for migration and
+/// exclusive access before device memory was ported) has its hostile
+/// cases skipped: they would compare nothing.
 fn serves(op: Op) -> Result<bool, Failure> {
     let dev = Dmirror::open(0)?;
     let page = Mapping::rw(page_size())?;

@@ -6,6 +6,7 @@ use crate::harness::Test;
 use std::io;
 
 mod badinput;
+mod devmem;
 mod hostile;
 mod lockdrop;
 mod lockdrop_race;
@@ -19,6 +20,7 @@ pub fn all() -> Vec<&'static Test> {
     [
         mirror::TESTS,
         snapshot::TESTS,
+        devmem::TESTS,
         badinput::TESTS,
         lockdrop::TESTS,
         lockdrop_race::TESTS,

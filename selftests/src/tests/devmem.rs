@@ -1,0 +1,393 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Device-private memory: migration to the device and back, CPU faults on
+//! device pages, fork/COW of device pages, eviction on RELEASE and close,
+//! the FAIL_ALLOC flag, and exclusive access. Small pages only: every
+//! buffer is MADV_NOHUGEPAGE, so both modules take the same paths.
+
+use crate::check::{check_each, expect_errno};
+use crate::dmirror::{page_size, Counters, Dmirror};
+use crate::harness::{describe, fork_and_wait, Test, TestResult};
+use crate::mem::{self, Mapping};
+use crate::{ensure, ensure_eq};
+use hmm_dmirror_uapi::*;
+use std::io;
+
+pub const TESTS: &[Test] = &[
+    Test::new("devmem.migrate", migrate),
+    Test::new("devmem.migrate_to_sys", migrate_back),
+    Test::new("devmem.migrate_cpu_fault", migrate_cpu_fault),
+    Test::new("devmem.migrate_write_on_device", migrate_write_on_device),
+    Test::new("devmem.migrate_shared", migrate_shared),
+    Test::new("devmem.migrate_prot_none", migrate_prot_none),
+    Test::new("devmem.migrate_twice", migrate_twice),
+    Test::new("devmem.fail_alloc", fail_alloc),
+    Test::new("devmem.cow_in_device", cow_in_device),
+    Test::new("devmem.release_evicts", release_evicts),
+    Test::new("devmem.close_evicts", close_evicts),
+    Test::new("devmem.other_device_faults_back", other_device_faults_back),
+    Test::new("devmem.exclusive", exclusive),
+    Test::new("devmem.exclusive_mprotect", exclusive_mprotect),
+    Test::new("devmem.exclusive_fork", exclusive_fork),
+];
+
+/// 1 MiB: 256 pages, within one migration window.
+const SIZE: usize = 256 << 12;
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+/// The part of a SNAPSHOT byte that tells where the page is.
+const KIND: u8 = 0xF0;
+
+fn npages(size: usize) -> usize {
+    size / page_size()
+}
+
+/// An anonymous private buffer of `size` bytes, small pages only, its
+/// words set to their index.
+fn buffer(size: usize) -> io::Result<Mapping> {
+    let mut buf = Mapping::rw(size)?;
+    mem::madvise(buf.addr(), size, libc::MADV_NOHUGEPAGE)?;
+    for (i, w) in buf.words_mut().iter_mut().enumerate() {
+        *w = i as u32;
+    }
+    Ok(buf)
+}
+
+fn migrate_to_dev(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+    d.cmd(
+        HMM_DMIRROR_MIGRATE_TO_DEV,
+        buf.addr(),
+        out.addr(),
+        npages(buf.len()),
+    )
+}
+
+fn migrate_to_sys(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+    d.cmd(
+        HMM_DMIRROR_MIGRATE_TO_SYS,
+        buf.addr(),
+        out.addr(),
+        npages(buf.len()),
+    )
+}
+
+/// The SNAPSHOT byte of every page of `buf`.
+fn snapshot(d: &Dmirror, buf: &Mapping) -> Result<Vec<u8>, crate::harness::Failure> {
+    let n = npages(buf.len());
+    let out = Mapping::rw(n.max(1))?;
+    let c = d.snapshot(buf.addr(), out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    Ok(out.bytes()[..n].to_vec())
+}
+
+/// Checks that every page of `buf` is (or is not) in device 0's memory.
+fn check_on_device(d: &Dmirror, buf: &Mapping, on_device: bool) -> TestResult {
+    let want = |_| {
+        if on_device {
+            HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+        } else {
+            HMM_DMIRROR_PROT_NONE
+        }
+    };
+    let kinds: Vec<u8> = snapshot(d, buf)?.iter().map(|b| b & KIND).collect();
+    check_each("snapshot page kind", &kinds, want)
+}
+
+/// Migrates a buffer to the device: the device reads it back through the
+/// pages it now owns, and SNAPSHOT shows them as local device pages.
+fn migrate() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    let c = migrate_to_dev(&d, &buf, &out)?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_each("device read after migration", out.words(), |i| i as u32)?;
+    let snap = snapshot(&d, &buf)?;
+    check_each("snapshot", &snap, |_| {
+        HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE
+    })
+}
+
+/// MIGRATE_TO_SYS brings every page back: `cpages` counts them, the data
+/// is intact and no page is left on the device.
+fn migrate_back() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    let c = migrate_to_sys(&d, &buf, &out)?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_on_device(&d, &buf, false)?;
+    check_each("CPU read after migrating back", buf.words(), |i| i as u32)?;
+    // Nothing left to move.
+    let c = migrate_to_sys(&d, &buf, &out)?;
+    ensure_eq!(c.cpages, 0);
+    Ok(())
+}
+
+/// The CPU touching device pages faults them back one by one
+/// (`migrate_to_ram`); the ones it did not touch stay on the device.
+fn migrate_cpu_fault() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let mut buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    let half = buf.words().len() / 2;
+    check_each("CPU read of the first half", &buf.words()[..half], |i| {
+        i as u32
+    })?;
+    let snap = snapshot(&d, &buf)?;
+    let n = npages(SIZE);
+    for (i, &b) in snap.iter().enumerate() {
+        let want = if i < n / 2 {
+            HMM_DMIRROR_PROT_NONE
+        } else {
+            HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+        };
+        ensure_eq!(b & KIND, want, "page {i}");
+    }
+    // A CPU write faults the rest back, and the data is the device's.
+    for w in buf.words_mut()[half..].iter_mut() {
+        *w = w.wrapping_add(1);
+    }
+    check_each("CPU data", buf.words(), |i| {
+        if i < half {
+            i as u32
+        } else {
+            i as u32 + 1
+        }
+    })?;
+    check_on_device(&d, &buf, false)
+}
+
+/// A device WRITE to pages on the device changes the device copy, which
+/// the CPU sees once it faults the pages back.
+fn migrate_write_on_device() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let mut out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    for (i, w) in out.words_mut().iter_mut().enumerate() {
+        *w = !(i as u32);
+    }
+    let c = d.write(buf.addr(), out.addr(), npages(SIZE))?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_on_device(&d, &buf, true)?;
+    check_each("CPU read of the device's write", buf.words(), |i| {
+        !(i as u32)
+    })
+}
+
+/// Shared anonymous memory does not migrate: MIGRATE_TO_DEV fails with
+/// ENOENT when it reads back the pages it could not move.
+fn migrate_shared() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = Mapping::new(SIZE, RW, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1)?;
+    let out = Mapping::rw(SIZE)?;
+    expect_errno(migrate_to_dev(&d, &buf, &out), libc::ENOENT, "shared")
+}
+
+/// A PROT_NONE range cannot be migrated: EINVAL, in either direction.
+fn migrate_prot_none() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    buf.protect(libc::PROT_NONE)?;
+    expect_errno(migrate_to_dev(&d, &buf, &out), libc::EINVAL, "to device")?;
+    expect_errno(migrate_to_sys(&d, &buf, &out), libc::EINVAL, "to system")
+}
+
+/// Migrating pages that are already on the device leaves them there, and
+/// the device still reads them.
+fn migrate_twice() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    let mut out2 = Mapping::rw(SIZE)?;
+    out2.bytes_mut().fill(0xAA);
+    let c = migrate_to_dev(&d, &buf, &out2)?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_each("device read", out2.words(), |i| i as u32)?;
+    check_on_device(&d, &buf, true)
+}
+
+/// FLAG_FAIL_ALLOC fails the next device page allocation once: that page
+/// does not migrate (ENOENT); the next migration moves it.
+fn fail_alloc() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(page_size())?;
+    let out = Mapping::rw(page_size())?;
+    d.cmd(
+        HMM_DMIRROR_FLAGS,
+        buf.addr(),
+        out.addr(),
+        HMM_DMIRROR_FLAG_FAIL_ALLOC as usize,
+    )?;
+    expect_errno(
+        migrate_to_dev(&d, &buf, &out),
+        libc::ENOENT,
+        "failed allocation",
+    )?;
+    check_on_device(&d, &buf, false)?;
+    let c = migrate_to_dev(&d, &buf, &out)?;
+    ensure_eq!(c.cpages, 1);
+    check_on_device(&d, &buf, true)?;
+    check_each("device read", out.words(), |i| i as u32)
+}
+
+/// Device pages of a private mapping are shared copy-on-write after fork:
+/// each side that touches them gets its own copy in system memory.
+fn cow_in_device() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let mut buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    let words = buf.words_mut();
+    let (addr, len) = (words.as_mut_ptr() as usize, words.len());
+    let status = fork_and_wait(|| {
+        // SAFETY: the child's copy of the parent's buffer.
+        let words = unsafe { std::slice::from_raw_parts_mut(addr as *mut u32, len) };
+        check_each("child reads the device data", words, |i| i as u32)?;
+        for w in words.iter_mut() {
+            *w = w.wrapping_mul(3);
+        }
+        check_each("child's own copy", words, |i| (i as u32).wrapping_mul(3))
+    })?;
+    ensure!(status == 0, "child {}", describe(status));
+    check_each("parent's data after the child wrote", buf.words(), |i| {
+        i as u32
+    })?;
+    let c = d.read(buf.addr(), out.addr(), npages(SIZE))?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_each("device read in the parent", out.words(), |i| i as u32)
+}
+
+/// RELEASE evicts every device page back to system memory.
+fn release_evicts() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    d.cmd(HMM_DMIRROR_RELEASE, buf.addr(), out.addr(), 1)?;
+    check_on_device(&d, &buf, false)?;
+    check_each("CPU read after RELEASE", buf.words(), |i| i as u32)?;
+    // Device memory comes back on demand.
+    let c = migrate_to_dev(&d, &buf, &out)?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_on_device(&d, &buf, true)
+}
+
+/// Closing a file evicts the pages of its device.
+fn close_evicts() -> TestResult {
+    let watcher = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    let d = Dmirror::open(0)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    check_on_device(&watcher, &buf, true)?;
+    d.close()?;
+    check_on_device(&watcher, &buf, false)?;
+    check_each("CPU read after close", buf.words(), |i| i as u32)
+}
+
+/// Another device reading pages of device 0 faults them back to system
+/// memory first.
+fn other_device_faults_back() -> TestResult {
+    let d0 = Dmirror::open(0)?;
+    let d1 = Dmirror::open(1)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d0, &buf, &out)?;
+    let out1 = Mapping::rw(SIZE)?;
+    let c = d1.read(buf.addr(), out1.addr(), npages(SIZE))?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_each("device 1 read", out1.words(), |i| i as u32)?;
+    check_on_device(&d0, &buf, false)
+}
+
+/// EXCLUSIVE gives the device atomic access; a CPU access takes it back.
+fn exclusive() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let mut buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    let c = d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), npages(SIZE))?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_each("device read under exclusive access", out.words(), |i| {
+        i as u32
+    })?;
+    expect_errno(
+        d.cmd(
+            HMM_DMIRROR_CHECK_EXCLUSIVE,
+            buf.addr(),
+            out.addr(),
+            npages(SIZE),
+        ),
+        libc::EPERM,
+        "still exclusive",
+    )?;
+    for w in buf.words_mut() {
+        *w = w.wrapping_add(1);
+    }
+    check_each("CPU write after exclusive", buf.words(), |i| i as u32 + 1)?;
+    d.cmd(
+        HMM_DMIRROR_CHECK_EXCLUSIVE,
+        buf.addr(),
+        out.addr(),
+        npages(SIZE),
+    )?;
+    Ok(())
+}
+
+/// Exclusive access over a range made read-only is gone: a device write
+/// then fails with EPERM.
+fn exclusive_mprotect() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), npages(SIZE))?;
+    buf.protect(libc::PROT_READ)?;
+    expect_errno(
+        d.write(buf.addr(), out.addr(), npages(SIZE)),
+        libc::EPERM,
+        "device write to a read-only range",
+    )?;
+    d.cmd(
+        HMM_DMIRROR_CHECK_EXCLUSIVE,
+        buf.addr(),
+        out.addr(),
+        npages(SIZE),
+    )?;
+    Ok(())
+}
+
+/// fork() over pages under exclusive access gives them back to the CPU
+/// (copy-on-write); parent and child keep their own data.
+fn exclusive_fork() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let mut buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), npages(SIZE))?;
+    let words = buf.words_mut();
+    let (addr, len) = (words.as_mut_ptr() as usize, words.len());
+    let status = fork_and_wait(|| {
+        // SAFETY: the child's copy of the parent's buffer.
+        let words = unsafe { std::slice::from_raw_parts_mut(addr as *mut u32, len) };
+        check_each("child's data", words, |i| i as u32)?;
+        for w in words.iter_mut() {
+            *w = 0;
+        }
+        Ok(())
+    })?;
+    ensure!(status == 0, "child {}", describe(status));
+    for w in buf.words_mut() {
+        *w = w.wrapping_add(1);
+    }
+    check_each("parent's data", buf.words(), |i| i as u32 + 1)?;
+    d.cmd(
+        HMM_DMIRROR_CHECK_EXCLUSIVE,
+        buf.addr(),
+        out.addr(),
+        npages(SIZE),
+    )?;
+    Ok(())
+}
