@@ -5,7 +5,7 @@
 
 use crate::hmm::{
     Collected, CpuFault, Destination, DevicePool, FaultError, Migration, Owner, Pagemap,
-    PagemapOps, Source, SystemPage,
+    PagemapOps, Source, SystemPage, FOLIO_PAGES,
 };
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{miscdevice::MiscDeviceRegistration, page::PAGE_SIZE, prelude::*};
@@ -100,9 +100,17 @@ impl PagemapOps for DevmemOps {
     /// memory (C's `dmirror_devmem_fault`). The invalidation this starts
     /// drops the page from every mirror that maps it.
     fn migrate_to_ram(&self, pagemap: &Pagemap, fault: &CpuFault<'_>) -> Result<(), FaultError> {
-        let start = fault.address() & !(PAGE_SIZE - 1);
+        // A large folio mapped by a PMD moves back whole; once mapped by
+        // PTEs it may be partly split already: just the page.
+        let order = if fault.is_pte() {
+            0
+        } else {
+            fault.folio_order()
+        };
+        let size = PAGE_SIZE << order;
+        let start = fault.address() & !(size - 1);
         let mut migration =
-            Migration::setup_fault(fault, start, start + PAGE_SIZE, pagemap.owner())
+            Migration::setup_fault(fault, start, start + size, order > 0, pagemap.owner())
                 .map_err(|_| FaultError::Sigbus)?;
         copy_to_system(&mut migration, None).map_err(|_| FaultError::Oom)?;
         migration.pages().finalize();
@@ -110,26 +118,53 @@ impl PagemapOps for DevmemOps {
     }
 }
 
-/// Gives every device page collected by `migration` a new system page with
-/// its data (C's `dmirror_devmem_fault_alloc_and_copy`, small pages only).
-/// A one-shot `FLAG_FAIL_ALLOC` in `flags` fails the first allocation.
+/// Gives every device folio collected by `migration` new system memory
+/// with its data (C's `dmirror_devmem_fault_alloc_and_copy`): a large
+/// folio for a large one, or small pages when there is none, which splits
+/// the device folio. A one-shot `FLAG_FAIL_ALLOC` in `flags` fails the
+/// first allocation: a large one falls back to small pages, a small one
+/// fails the migration with `ENOMEM`.
 pub(crate) fn copy_to_system(migration: &mut Collected<'_>, flags: Option<&AtomicU64>) -> Result {
     for index in 0..migration.len() {
         let writable = migration.is_writable(index);
-        let page = match migration.source(index) {
-            Source::Device(device) => {
-                if let Some(flags) = flags {
-                    if flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0 {
-                        return Err(ENOMEM);
-                    }
-                }
-                let mut page = SystemPage::alloc()?;
-                page.copy_from_device(&device);
-                page
-            }
-            _ => continue,
+        let compound = migration.is_compound(index);
+        let Source::Device(device) = migration.source(index) else {
+            continue;
         };
-        migration.set_destination(index, Destination::System(page), writable)?;
+        let failed = flags.is_some_and(|flags| {
+            flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0
+        });
+        if failed && !compound {
+            return Err(ENOMEM);
+        }
+        let large = if compound && !failed {
+            migration.alloc_system_folio(index).ok()
+        } else {
+            None
+        };
+        let pages = match large {
+            Some(mut folio) => {
+                folio.copy_from_device(&device);
+                let mut pages = KVec::new();
+                pages.push(folio, GFP_KERNEL)?;
+                pages
+            }
+            None => {
+                let nr = if compound {
+                    FOLIO_PAGES.min(migration.len() - index)
+                } else {
+                    1
+                };
+                let mut pages = KVec::with_capacity(nr, GFP_KERNEL)?;
+                for i in 0..nr {
+                    pages.push(SystemPage::alloc_copy_of(&device, i)?, GFP_KERNEL)?;
+                }
+                pages
+            }
+        };
+        for (i, page) in pages.into_iter().enumerate() {
+            migration.set_destination(index + i, Destination::System(page), writable)?;
+        }
     }
     Ok(())
 }

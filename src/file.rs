@@ -6,9 +6,10 @@
 use crate::{
     device::{copy_to_system, Device, FLAG_FAIL_ALLOC},
     hmm::{
-        self, Deadline, Destination, DevicePageTable, Event, ExclusivePage, HmmRange,
-        Invalidation, Migration, Mirror, MirrorOps, MirroredAccess, MmapReadGuard, Owner,
-        PageKind, Request, Select, Source, ValidPfn, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
+        self, Collected, Deadline, Destination, DevicePageTable, DevicePool, Event, ExclusivePage,
+        HmmRange, Invalidation, Migration, Mirror, MirrorOps, MirroredAccess, MmapReadGuard, Owner,
+        PageKind, Request, Select, Source, ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT,
+        PUD_SHIFT,
     },
     uapi::*,
 };
@@ -340,25 +341,11 @@ impl DmirrorFile {
                     addr,
                     next,
                     Select::System,
+                    true,
                     self.mirror.ops().inbound(),
                 )?;
                 for index in 0..migration.len() {
-                    let writable = migration.is_writable(index);
-                    let page = match migration.source(index) {
-                        Source::Empty => None,
-                        Source::System(page) => Some(page),
-                        _ => continue,
-                    };
-                    if self.flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC
-                        != 0
-                    {
-                        continue;
-                    }
-                    let Ok(mut dpage) = pool.alloc_page() else {
-                        continue;
-                    };
-                    dpage.copy_from_system(page.as_ref());
-                    migration.set_destination(index, Destination::Device(dpage), writable)?;
+                    self.copy_to_device(&pool, &mut migration, index)?;
                 }
                 let migrated = migration.pages();
                 mapped &= migrated.map_into(&self.mirror.lock(), seq)?;
@@ -419,6 +406,60 @@ impl DmirrorFile {
         self.read_mapped(cmd, span)
     }
 
+    /// Gives the page (or large folio, or hole) at `index` of `migration`
+    /// device memory with its data (C's `dmirror_migrate_alloc_and_copy`):
+    /// a large device folio for a large one, small pages when there is
+    /// none, which splits the source. A page that gets no device memory
+    /// stays where it is; `FLAG_FAIL_ALLOC` fails the next allocation.
+    fn copy_to_device(
+        &self,
+        pool: &DevicePool,
+        migration: &mut Collected<'_>,
+        index: usize,
+    ) -> Result {
+        let writable = migration.is_writable(index);
+        let compound = migration.is_compound(index);
+        let src = match migration.source(index) {
+            Source::Empty => None,
+            Source::System(page) => Some(page),
+            _ => return Ok(()),
+        };
+        let failed =
+            self.flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0;
+        let first = if failed {
+            None
+        } else if compound {
+            pool.alloc_folio().ok()
+        } else {
+            pool.alloc_page().ok()
+        };
+        let pages = match first {
+            Some(mut page) => {
+                page.copy_from_system(src.as_ref());
+                let mut pages = KVec::new();
+                pages.push(page, GFP_KERNEL)?;
+                pages
+            }
+            None if !compound => return Ok(()),
+            None => {
+                let nr = FOLIO_PAGES.min(migration.len() - index);
+                let mut pages = KVec::with_capacity(nr, GFP_KERNEL)?;
+                for i in 0..nr {
+                    let Ok(mut page) = pool.alloc_page() else {
+                        break;
+                    };
+                    page.copy_from_system_at(src.as_ref(), i);
+                    pages.push(page, GFP_KERNEL)?;
+                }
+                pages
+            }
+        };
+        for (i, page) in pages.into_iter().enumerate() {
+            migration.set_destination(index + i, Destination::Device(page), writable)?;
+        }
+        Ok(())
+    }
+
     /// Maps the pages of `span` that are in this device's memory into the
     /// device page table, without faulting anything.
     fn map_device_pages(&self, mm: &MmWithUser, span: &Span) -> Result {
@@ -468,6 +509,7 @@ impl DmirrorFile {
                 addr,
                 next,
                 Select::DevicePrivate,
+                true,
                 self.device.owner(),
             )?;
             copy_to_system(&mut migration, Some(&self.flags))?;

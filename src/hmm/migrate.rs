@@ -22,7 +22,7 @@
 //! error path cannot leave migration entries behind.
 
 use super::{
-    pagemap::{DevicePage, DevicePageRef, Pagemap, GFP_HIGHUSER_MOVABLE},
+    pagemap::{DevicePage, DevicePageRef, Pagemap, FOLIO_ORDER, GFP_HIGHUSER_MOVABLE},
     CpuFault, MirrorGuard, MirrorOps, MirroredAccess, MmapReadGuard, Owner, Seq,
 };
 use core::{marker::PhantomData, ptr::NonNull};
@@ -38,6 +38,7 @@ use kernel::{
 const PFN_VALID: c_ulong = bindings::MIGRATE_PFN_VALID as c_ulong;
 const PFN_MIGRATE: c_ulong = bindings::MIGRATE_PFN_MIGRATE as c_ulong;
 const PFN_WRITE: c_ulong = bindings::MIGRATE_PFN_WRITE as c_ulong;
+const PFN_COMPOUND: c_ulong = bindings::MIGRATE_PFN_COMPOUND as c_ulong;
 
 /// The most pages one migration covers, as in C (`PTRS_PER_PTE`).
 pub const MAX_MIGRATE_PAGES: usize = 512;
@@ -74,15 +75,38 @@ pub struct SystemPageRef<'a> {
     _ref: PhantomData<&'a ()>,
 }
 
+impl SystemPageRef<'_> {
+    /// Page `i` of this page's folio, counting from this page; null past
+    /// the end of the folio.
+    fn subpage(&self, i: usize) -> *mut bindings::page {
+        // SAFETY: By the type invariant the page, so its folio, is
+        // referenced.
+        let (pfn, head, order) = unsafe {
+            let folio = bindings::page_folio(self.page.as_ptr());
+            (
+                bindings::page_to_pfn(self.page.as_ptr()) as usize,
+                bindings::page_to_pfn(bindings::folio_page(folio, 0)) as usize,
+                bindings::folio_order(folio),
+            )
+        };
+        if pfn + i >= head + (1usize << order) {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: A page of the same referenced folio, by pfn.
+        unsafe { bindings::pfn_to_page((pfn + i) as c_ulong) }
+    }
+}
+
 /// A new system page, locked, with one reference: the destination of a
 /// migration back to system memory.
 ///
 /// # Invariants
 ///
-/// `page` is a system page we allocated, locked, with the one reference
-/// the allocation gave.
+/// `page` is the first page of a system folio of order `order` that we
+/// allocated, locked, with the one reference the allocation gave.
 pub struct SystemPage {
     page: NonNull<bindings::page>,
+    order: u32,
 }
 
 impl SystemPage {
@@ -94,17 +118,58 @@ impl SystemPage {
     fn alloc_flags(gfp: bindings::gfp_t) -> Result<Self> {
         // SAFETY: Allocating a page has no precondition.
         let page = NonNull::new(unsafe { bindings::alloc_pages_noprof(gfp, 0) }).ok_or(ENOMEM)?;
-        // SAFETY: The page is ours alone; locking it cannot block for long.
-        unsafe { bindings::lock_page(page.as_ptr()) };
-        // INVARIANT: Just allocated and locked.
-        Ok(Self { page })
+        Ok(Self::locked(page, 0))
     }
 
-    /// Copies the data of the device page `src` into this page.
+    /// Takes a fresh folio of `order` whose first page is `page`.
+    fn locked(page: NonNull<bindings::page>, order: u32) -> Self {
+        // SAFETY: The folio is ours alone; locking it does not block.
+        unsafe { bindings::lock_page(page.as_ptr()) };
+        // INVARIANT: Just allocated and locked.
+        Self { page, order }
+    }
+
+    /// Copies the data of the device folio `src` (as many pages as this
+    /// one has, from `src` on) into this one. Pages past the end of `src`'s
+    /// folio are zeroed.
     pub fn copy_from_device(&mut self, src: &DevicePageRef<'_>) {
-        // SAFETY: This page is ours; `src` and its backing page are valid
-        // while it is borrowed.
-        unsafe { bindings::copy_highpage(self.page.as_ptr(), src.backing()) };
+        for i in 0..(1usize << self.order) {
+            self.copy_page_from_device(i, src, i);
+        }
+    }
+
+    /// Copies page `from` of `src`'s folio (counting from `src`) into page
+    /// `i` of this one (zeroes it past the end of `src`'s folio).
+    fn copy_page_from_device(&mut self, i: usize, src: &DevicePageRef<'_>, from: usize) {
+        if i >= 1usize << self.order {
+            return;
+        }
+        // SAFETY: Page `i` of our own folio, by pfn.
+        let dst = unsafe {
+            bindings::pfn_to_page(bindings::page_to_pfn(self.page.as_ptr()) + i as c_ulong)
+        };
+        let backing = src.backing_after(from);
+        if backing.is_null() {
+            // SAFETY: `dst` is ours.
+            unsafe { bindings::clear_highpage(dst) };
+        } else {
+            // SAFETY: `dst` is ours; the backing page is valid while `src`
+            // is borrowed.
+            unsafe { bindings::copy_highpage(dst, backing) };
+        }
+    }
+
+    /// A page with the data of page `i` of the device folio `src`, for a
+    /// large folio that moves back as small pages.
+    pub fn alloc_copy_of(src: &DevicePageRef<'_>, i: usize) -> Result<Self> {
+        let mut page = Self::alloc()?;
+        page.copy_page_from_device(0, src, i);
+        Ok(page)
+    }
+
+    /// Whether this is a large folio.
+    pub fn is_large(&self) -> bool {
+        self.order > 0
     }
 
     fn into_raw(self) -> *mut bindings::page {
@@ -125,16 +190,31 @@ impl Drop for SystemPage {
 }
 
 impl DevicePage {
-    /// Copies `src` into this page's backing page, or zeroes it when there
-    /// is no source page.
+    /// Copies `src` (as many pages as this folio has, from `src` on) into
+    /// this folio's backing pages, or zeroes them where there is no source
+    /// page.
     pub fn copy_from_system(&mut self, src: Option<&SystemPageRef<'_>>) {
-        let dst = self.backing();
-        match src {
-            // SAFETY: The backing page is ours while the device page is;
-            // `src` is valid while borrowed.
-            Some(src) => unsafe { bindings::copy_highpage(dst, src.page.as_ptr()) },
-            // SAFETY: As above.
-            None => unsafe { bindings::clear_highpage(dst) },
+        self.copy_from_system_at(src, 0);
+    }
+
+    /// Like [`copy_from_system`](Self::copy_from_system), from the page
+    /// `offset` pages after `src`, for a large source folio that moves as
+    /// small pages.
+    pub fn copy_from_system_at(&mut self, src: Option<&SystemPageRef<'_>>, offset: usize) {
+        for i in 0..self.nr_pages() {
+            let dst = self.backing_at(i);
+            if dst.is_null() {
+                continue;
+            }
+            let from = src.map_or(core::ptr::null_mut(), |src| src.subpage(offset + i));
+            if from.is_null() {
+                // SAFETY: The backing page is ours while the device page is.
+                unsafe { bindings::clear_highpage(dst) };
+            } else {
+                // SAFETY: As above; `from` is referenced while `src` is
+                // borrowed.
+                unsafe { bindings::copy_highpage(dst, from) };
+            }
         }
     }
 }
@@ -185,12 +265,15 @@ impl Migration {
     /// [`MAX_MIGRATE_PAGES`] pages (`migrate_vma_setup()`). The mmap read
     /// lock must be held, which `vma` proves. `owner` is the device's: the
     /// device-private pages to collect, and the owner of the invalidation.
+    /// With `compound`, PMD-sized folios (and holes) are collected whole
+    /// (`MIGRATE_VMA_SELECT_COMPOUND`).
     pub fn setup<'a>(
         _lock: &'a MmapReadGuard<'_>,
         vma: &'a VmaRef,
         start: usize,
         end: usize,
         select: Select,
+        compound: bool,
         owner: Owner,
     ) -> Result<Collected<'a>> {
         Self::setup_raw(
@@ -198,6 +281,7 @@ impl Migration {
             start,
             end,
             select,
+            compound,
             owner,
             core::ptr::null_mut(),
         )
@@ -209,6 +293,7 @@ impl Migration {
         fault: &'a CpuFault<'_>,
         start: usize,
         end: usize,
+        compound: bool,
         owner: Owner,
     ) -> Result<Collected<'a>> {
         let vma = fault.vmf.__bindgen_anon_1.vma;
@@ -217,16 +302,19 @@ impl Migration {
             start,
             end,
             Select::DevicePrivate,
+            compound,
             owner,
             fault.vmf.page,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn setup_raw<'a>(
         vma: *mut bindings::vm_area_struct,
         start: usize,
         end: usize,
         select: Select,
+        compound: bool,
         owner: Owner,
         fault_page: *mut bindings::page,
     ) -> Result<Collected<'a>> {
@@ -241,12 +329,15 @@ impl Migration {
         let mut dst = KVVec::with_capacity(npages, GFP_KERNEL)?;
         src.resize(npages, 0, GFP_KERNEL)?;
         dst.resize(npages, 0, GFP_KERNEL)?;
-        let flags = match select {
+        let mut flags = match select {
             Select::System => bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_SYSTEM,
             Select::DevicePrivate => {
                 bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_DEVICE_PRIVATE
             }
         };
+        if compound {
+            flags |= bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_COMPOUND;
+        }
         let mut args = bindings::migrate_vma {
             vma,
             dst: dst.as_mut_ptr(),
@@ -303,6 +394,37 @@ impl<'a> Collected<'a> {
         self.raw.src.get(index).is_some_and(|&e| e & PFN_WRITE != 0)
     }
 
+    /// Whether the page at `index` is a whole PMD-sized folio, or hole,
+    /// collected as one entry (`MIGRATE_PFN_COMPOUND`); the entries of the
+    /// rest of it are empty.
+    pub fn is_compound(&self, index: usize) -> bool {
+        self.raw
+            .src
+            .get(index)
+            .is_some_and(|&e| e & PFN_COMPOUND != 0)
+    }
+
+    /// A large system folio for the page at `index`, to move a large
+    /// device folio back whole (`vma_alloc_folio()`); `ENOMEM` if none.
+    pub fn alloc_system_folio(&self, index: usize) -> Result<SystemPage> {
+        if index >= self.len() {
+            return Err(EINVAL);
+        }
+        let addr = self.raw.args.start as usize + index * PAGE_SIZE;
+        // SAFETY: The VMA is locked for `'a`, and `addr` is inside it.
+        let folio = unsafe {
+            bindings::vma_alloc_folio_noprof(
+                GFP_HIGHUSER_MOVABLE | bindings::__GFP_NOWARN,
+                FOLIO_ORDER as i32,
+                self.raw.args.vma,
+                addr as c_ulong,
+            )
+        };
+        let folio = NonNull::new(folio).ok_or(ENOMEM)?;
+        // The folio is its first page.
+        Ok(SystemPage::locked(folio.cast(), FOLIO_ORDER))
+    }
+
     /// What is at the page at `index` (from the start of the range).
     pub fn source(&self, index: usize) -> Source<'_> {
         let Some(&entry) = self.raw.src.get(index) else {
@@ -335,20 +457,29 @@ impl<'a> Collected<'a> {
     }
 
     /// Hands `page` over as the destination of the page at `index`,
-    /// writable in the CPU page table if `writable`. A destination given
-    /// twice replaces the first, which is released.
+    /// writable in the CPU page table if `writable`. A large folio moves a
+    /// compound entry whole; small pages at a compound entry and the ones
+    /// after it split the source folio. A destination given twice replaces
+    /// the first, which is released.
     pub fn set_destination(&mut self, index: usize, page: Destination, writable: bool) -> Result {
         if index >= self.len() {
             return Err(EINVAL);
         }
-        let raw = match page {
-            Destination::Device(page) => page.into_raw(),
-            Destination::System(page) => page.into_raw(),
+        let (raw, large) = match page {
+            Destination::Device(page) => {
+                let large = page.is_large();
+                (page.into_raw(), large)
+            }
+            Destination::System(page) => {
+                let large = page.is_large();
+                (page.into_raw(), large)
+            }
         };
         let old = self.raw.dst[index];
         // SAFETY: `raw` is a page we own (locked, referenced).
         self.raw.dst[index] = unsafe { bindings::migrate_pfn(bindings::page_to_pfn(raw)) }
-            | if writable { PFN_WRITE } else { 0 };
+            | if writable { PFN_WRITE } else { 0 }
+            | if large { PFN_COMPOUND } else { 0 };
         // SAFETY: Decoding a `migrate_pfn` entry.
         let old = unsafe { bindings::migrate_pfn_to_page(old) };
         if !old.is_null() {
@@ -431,11 +562,18 @@ impl Migrated<'_> {
             } else {
                 MirroredAccess::Read
             };
-            // SAFETY: The backing page lives as long as the device page,
-            // which finalize maps (its migration succeeded and nothing
-            // invalidated the range since `seq`); it is erased from the
-            // table with that mapping.
-            unsafe { guard.store_raw(first + index, device.backing(), access) }?;
+            let nr = if dst & PFN_COMPOUND != 0 {
+                1usize << FOLIO_ORDER
+            } else {
+                1
+            };
+            for i in 0..nr.min(self.raw.len() - index) {
+                // SAFETY: The backing pages live as long as the device
+                // folio, which finalize maps (its migration succeeded and
+                // nothing invalidated the range since `seq`); they are
+                // erased from the table with that mapping.
+                unsafe { guard.store_raw(first + index + i, device.backing_after(i), access) }?;
+            }
         }
         Ok(true)
     }
@@ -487,17 +625,37 @@ fn evict_batch(first_pfn: usize, npages: usize) {
             continue;
         };
         let device = DevicePageRef { page, pagemap };
-        // Eviction must not fail, as in C.
-        let Ok(mut new) =
-            SystemPage::alloc_flags(GFP_HIGHUSER_MOVABLE | (1 << bindings::___GFP_NOFAIL_BIT))
-        else {
-            continue;
+        let new = if entry & PFN_COMPOUND != 0 {
+            // A large folio moves whole or not at all; if there is no
+            // large page now, the caller evicts again later.
+            // SAFETY: Allocating a folio has no precondition.
+            let folio = unsafe {
+                bindings::folio_alloc_noprof(
+                    GFP_HIGHUSER_MOVABLE | bindings::__GFP_NOWARN,
+                    FOLIO_ORDER,
+                )
+            };
+            match NonNull::new(folio) {
+                // The folio is its first page.
+                Some(folio) => SystemPage::locked(folio.cast(), FOLIO_ORDER),
+                None => continue,
+            }
+        } else {
+            // Eviction must not fail, as in C.
+            match SystemPage::alloc_flags(GFP_HIGHUSER_MOVABLE | (1 << bindings::___GFP_NOFAIL_BIT))
+            {
+                Ok(page) => page,
+                Err(_) => continue,
+            }
         };
+        let mut new = new;
         new.copy_from_device(&device);
+        let large = new.is_large();
         let raw = new.into_raw();
         // SAFETY: `raw` is a page we own; it is handed over to the migration.
-        dst[index] =
-            unsafe { bindings::migrate_pfn(bindings::page_to_pfn(raw)) } | (entry & PFN_WRITE);
+        dst[index] = unsafe { bindings::migrate_pfn(bindings::page_to_pfn(raw)) }
+            | (entry & PFN_WRITE)
+            | if large { PFN_COMPOUND } else { 0 };
     }
     // SAFETY: `src` comes from `migrate_device_range` over these pfns, and
     // `dst` holds zeroes or pages we handed over, locked and referenced.

@@ -42,7 +42,8 @@ pub use mirror::{Event, Invalidation, Mirror, MirrorGuard, MirrorOps, Seq};
 pub use mmap_lock::MmapReadGuard;
 pub use page_table::{DevicePageTable, MirroredAccess};
 pub use pagemap::{
-    CpuFault, DevicePage, DevicePageRef, FaultError, Pagemap, PagemapOps, CHUNK_SIZE,
+    CpuFault, DevicePage, DevicePageRef, FaultError, Pagemap, PagemapOps, CHUNK_SIZE, FOLIO_ORDER,
+    FOLIO_PAGES,
 };
 pub use pool::{init_pools, DevicePool, MAX_POOLS};
 pub use range::{HmmRange, LockedRange, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT};

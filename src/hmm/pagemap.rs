@@ -9,16 +9,21 @@
 //! range from `request_free_mem_region()`, given `struct page`s by
 //! `memremap_pages()`. The CPU cannot reach device-private memory; a
 //! device keeps the data. This abstraction simulates that device memory
-//! the way `lib/test_hmm.c` does: every allocated [`DevicePage`] owns a
-//! system page, its *backing* page, that holds its data. The backing page
-//! pointer lives in the device page's `zone_device_data`, and is freed with
+//! the way `lib/test_hmm.c` does: every allocated device page owns a
+//! system page, its *backing* page, that holds its data. The pagemap keeps
+//! the backing page of each of its pages in an array indexed by page, so
+//! that a large (PMD-sized) device folio that the mm splits needs nothing
+//! from the device: each piece keeps its backing pages. They are freed with
 //! the device page (`folio_free`).
 //!
 //! Several pagemaps may share one [`Owner`], which identifies them to
 //! `hmm_range_fault()` and to migrations.
 
 use super::Owner;
-use core::ptr::NonNull;
+use core::{
+    ptr::NonNull,
+    sync::atomic::{AtomicPtr, Ordering},
+};
 use kernel::{
     bindings,
     c_str,
@@ -33,6 +38,11 @@ use kernel::{
 /// Size of one pagemap, as in C (`DEVMEM_CHUNK_SIZE`).
 pub const CHUNK_SIZE: usize = 256 << 20;
 const CHUNK_PAGES: usize = CHUNK_SIZE >> PAGE_SHIFT;
+/// Order of a large (PMD-sized) device folio.
+pub const FOLIO_ORDER: u32 = bindings::HPAGE_PMD_ORDER;
+/// Pages in a large device folio.
+pub const FOLIO_PAGES: usize = 1 << FOLIO_ORDER;
+const CHUNK_FOLIOS: usize = CHUNK_PAGES / FOLIO_PAGES;
 
 /// `GFP_HIGHUSER` (`GFP_USER | __GFP_HIGHMEM`), which the bindings lack.
 pub(super) const GFP_HIGHUSER: bindings::gfp_t =
@@ -87,13 +97,26 @@ impl CpuFault<'_> {
     pub fn is_pte(&self) -> bool {
         !self.vmf.pte.is_null()
     }
+
+    /// The order of the faulting device folio.
+    pub fn folio_order(&self) -> u32 {
+        // SAFETY: By the type invariant the page is referenced.
+        unsafe { bindings::folio_order(bindings::page_folio(self.vmf.page)) }
+    }
 }
 
 /// The free pages of a pagemap, and whether it is going away.
 struct FreeList {
-    /// Indices of free pages. Its capacity is the pagemap's page count, so
-    /// pushing back a freed page never allocates.
-    free: KVVec<u32>,
+    /// Indices of free pages for small allocations. Its capacity is the
+    /// pagemap's page count, so pushing back a freed page never allocates.
+    small: KVVec<u32>,
+    /// Free aligned groups of [`FOLIO_PAGES`] pages, by group number, for
+    /// large allocations (capacity: every group). As in C, a pagemap is
+    /// made for one size: a group is never broken up for small pages,
+    /// whose `struct page`s could still say they are the tail of a large
+    /// folio. The pieces of a large folio that the mm split (which cleans
+    /// them up) come back as small pages.
+    large: KVVec<u32>,
     /// Pages handed out and not freed yet.
     allocated: usize,
     /// Set before the pagemap is removed: no more allocations, and freed
@@ -168,15 +191,16 @@ static PAGEMAP_OPS: bindings::dev_pagemap_ops = bindings::dev_pagemap_ops {
 /// - `pgmap` is mapped with `memremap_pages()` (type `MEMORY_DEVICE_PRIVATE`,
 ///   ops [`PAGEMAP_OPS`], owner `owner`, the single range of `region`) from
 ///   initialization until drop.
-/// - The `zone_device_data` of each allocated page is a system page that
-///   the device page owns (its backing page); free pages own nothing.
-/// - Every index in `free` is that of a page with refcount zero, at most
-///   once.
+/// - `backing[i]` is the backing page of page `i` while it is allocated:
+///   a system page (order 0) that the device page owns; null while free.
+/// - Every index in `free.small`, and every page of the groups in
+///   `free.large`, is a page with refcount zero, listed at most once.
 #[pin_data(PinnedDrop)]
 pub struct Pagemap {
     ops: &'static dyn PagemapOps,
     owner: Owner,
     first_pfn: usize,
+    backing: KVVec<AtomicPtr<bindings::page>>,
     #[pin]
     free: SpinLock<FreeList>,
     region: MemRegion,
@@ -193,26 +217,44 @@ unsafe impl Sync for Pagemap {}
 impl Pagemap {
     /// Reserves [`CHUNK_SIZE`] bytes of free physical address space and
     /// maps device-private pages over it, owned by `owner`. Faults on them
-    /// go to `ops`.
-    pub fn new(owner: Owner, ops: &'static dyn PagemapOps) -> Result<Arc<Self>> {
+    /// go to `ops`. Its pages are for large folios if `large_folios`, else for
+    /// small pages.
+    pub fn new(
+        owner: Owner,
+        ops: &'static dyn PagemapOps,
+        large_folios: bool,
+    ) -> Result<Arc<Self>> {
         let region = MemRegion::request(CHUNK_SIZE)?;
         let (start, size) = (region.start, region.size);
         if size as usize != CHUNK_SIZE {
             return Err(ENOMEM);
         }
-        let mut free = KVVec::with_capacity(CHUNK_PAGES, GFP_KERNEL)?;
+        let mut small = KVVec::with_capacity(CHUNK_PAGES, GFP_KERNEL)?;
+        let mut large = KVVec::with_capacity(CHUNK_FOLIOS, GFP_KERNEL)?;
         // Handed out from the lowest address up, as C does.
-        for index in (0..CHUNK_PAGES as u32).rev() {
-            free.push(index, GFP_KERNEL)?;
+        if large_folios {
+            for group in (0..CHUNK_FOLIOS as u32).rev() {
+                large.push(group, GFP_KERNEL)?;
+            }
+        } else {
+            for index in (0..CHUNK_PAGES as u32).rev() {
+                small.push(index, GFP_KERNEL)?;
+            }
+        }
+        let mut backing = KVVec::with_capacity(CHUNK_PAGES, GFP_KERNEL)?;
+        for _ in 0..CHUNK_PAGES {
+            backing.push(AtomicPtr::new(core::ptr::null_mut()), GFP_KERNEL)?;
         }
         Arc::pin_init(
             try_pin_init!(Self {
                 ops,
                 owner,
                 first_pfn: (start >> PAGE_SHIFT) as usize,
+                backing,
                 free <- new_spinlock!(
                     FreeList {
-                        free,
+                        small,
+                        large,
                         allocated: 0,
                         removing: false,
                     },
@@ -280,40 +322,89 @@ impl Pagemap {
     }
 
     /// Allocates a page: a device page with a fresh backing page, locked,
-    /// with one reference. Fails with `ENOMEM` when the pagemap is full or
-    /// being removed, or no backing page is available.
+    /// with one reference. Fails with `ENOSPC` when the pagemap is full or
+    /// being removed, and `ENOMEM` when no backing page is available.
     pub fn alloc_page(&self) -> Result<DevicePage> {
-        // SAFETY: Allocating a page has no precondition.
-        let backing =
-            NonNull::new(unsafe { bindings::alloc_pages_noprof(GFP_HIGHUSER, 0) }).ok_or(ENOMEM)?;
+        self.alloc(0)
+    }
+
+    /// Allocates a large device folio of [`FOLIO_PAGES`] pages, PMD
+    /// aligned, each with a backing page; locked, with one reference.
+    /// Fails as [`alloc_page`](Self::alloc_page); only a pagemap made for
+    /// large folios has any.
+    pub fn alloc_folio(&self) -> Result<DevicePage> {
+        self.alloc(FOLIO_ORDER)
+    }
+
+    fn alloc(&self, order: u32) -> Result<DevicePage> {
+        let nr = 1usize << order;
+        // The backing pages: one block, split into independent pages, so
+        // that the pieces of a split device folio can be freed one by one.
+        // SAFETY: Allocating pages has no precondition.
+        let first = NonNull::new(unsafe { bindings::alloc_pages_noprof(GFP_HIGHUSER, order) })
+            .ok_or(ENOMEM)?;
+        // SAFETY: `first` is a fresh non-compound block of this order.
+        let first_backing = unsafe { bindings::page_to_pfn(first.as_ptr()) } as usize;
+        if order > 0 {
+            // SAFETY: As above; afterwards each page is an order-0 page.
+            unsafe { bindings::split_page(first.as_ptr(), order) };
+        }
         let index = {
             let mut list = self.free.lock();
-            let index = if list.removing { None } else { list.free.pop() };
+            let index = if list.removing {
+                None
+            } else if order > 0 {
+                list.large.pop().map(|group| group as usize * FOLIO_PAGES)
+            } else {
+                list.small.pop().map(|index| index as usize)
+            };
             if index.is_some() {
-                list.allocated += 1;
+                list.allocated += nr;
             }
             index
         };
         let Some(index) = index else {
-            // SAFETY: `backing` was allocated above and is not used.
-            unsafe { bindings::__free_pages(backing.as_ptr(), 0) };
-            return Err(ENOMEM);
+            // Full, or being removed: `ENOSPC`, which tells callers to try
+            // another pagemap.
+            for i in 0..nr {
+                // SAFETY: The pages were allocated above, split into
+                // order-0 pages, and are not used.
+                unsafe {
+                    bindings::__free_pages(bindings::pfn_to_page((first_backing + i) as c_ulong), 0)
+                };
+            }
+            return Err(ENOSPC);
         };
-        // SAFETY: The index is within the mapped range, which has a memmap.
-        let page = unsafe { bindings::pfn_to_page((self.first_pfn + index as usize) as c_ulong) };
-        // SAFETY: By the type invariant the page was free (refcount zero)
-        // and it is ours now; the pagemap is mapped and not being removed.
-        // This takes a pagemap reference, sets the refcount to one and
-        // locks the page.
-        unsafe {
-            bindings::zone_device_folio_init(bindings::page_folio(page), self.pgmap.get(), 0);
-            (*page).__bindgen_anon_1.__bindgen_anon_4.zone_device_data = backing.as_ptr().cast();
+        for i in 0..nr {
+            // SAFETY: A pfn of the block allocated above.
+            let page = unsafe { bindings::pfn_to_page((first_backing + i) as c_ulong) };
+            // INVARIANT: The device page is ours now, and owns this page.
+            self.backing[index + i].store(page, Ordering::Release);
         }
-        // INVARIANT: The page is locked, referenced once and has a backing page.
+        // SAFETY: The index is within the mapped range, which has a memmap.
+        let page = unsafe { bindings::pfn_to_page((self.first_pfn + index) as c_ulong) };
+        // SAFETY: By the type invariant the pages were free (refcount zero)
+        // and they are ours now; the pagemap is mapped and not being
+        // removed. The first page is not a tail page (a group is only ever
+        // used as a whole; a small page is never part of a free group), so
+        // it is the folio. This takes pagemap references,
+        // sets the refcount to one and locks the folio.
+        unsafe { bindings::zone_device_folio_init(page.cast(), self.pgmap.get(), order) };
+        // INVARIANT: The folio is locked, referenced once and has backing pages.
         Ok(DevicePage {
             // SAFETY: `pfn_to_page` of a mapped pfn is not null.
             page: unsafe { NonNull::new_unchecked(page) },
+            order,
         })
+    }
+
+    /// The backing page of `page`, a page of this pagemap that is allocated.
+    fn backing_of(&self, page: NonNull<bindings::page>) -> *mut bindings::page {
+        // SAFETY: `page` is a page of this pagemap, so it has a pfn in range.
+        let pfn = unsafe { bindings::page_to_pfn(page.as_ptr()) } as usize;
+        self.backing
+            .get(pfn.wrapping_sub(self.first_pfn))
+            .map_or(core::ptr::null_mut(), |b| b.load(Ordering::Acquire))
     }
 
     /// Migrates every page of this pagemap that is in use back to system
@@ -336,30 +427,44 @@ impl Pagemap {
     unsafe extern "C" fn folio_free_callback(folio: *mut bindings::folio) {
         // SAFETY: `folio` is valid for the callback's duration.
         let page = unsafe { bindings::folio_page(folio, 0) };
-        // SAFETY: The pagemap is live until this page's pagemap reference
-        // is dropped, after this callback; its ops are `PAGEMAP_OPS`.
+        // SAFETY: The pagemap is live until this folio's pagemap references
+        // are dropped, after this callback; its ops are `PAGEMAP_OPS`.
         let Some(this) = (unsafe { Self::of_page(page) }) else {
             return;
         };
-        // SAFETY: By the type invariant an allocated page owns its backing
-        // page; the device page is free now, so it owns it no longer.
-        unsafe {
-            let data = &mut (*page).__bindgen_anon_1.__bindgen_anon_4.zone_device_data;
-            let backing = core::mem::replace(data, core::ptr::null_mut());
-            if !backing.is_null() {
-                bindings::__free_pages(backing.cast(), 0);
-            }
-        }
+        // SAFETY: As above.
+        let order = unsafe { bindings::folio_order(folio) };
+        let nr = 1usize << order;
         // SAFETY: `page` belongs to this pagemap's range.
         let index = (unsafe { bindings::page_to_pfn(page) } as usize) - this.first_pfn;
+        for i in 0..nr {
+            let Some(slot) = this.backing.get(index + i) else {
+                break;
+            };
+            let backing = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            if !backing.is_null() {
+                // SAFETY: By the type invariant the device page owned its
+                // backing page; the device page is free now, so it owns it
+                // no longer.
+                unsafe { bindings::__free_pages(backing, 0) };
+            }
+        }
         {
             let mut list = this.free.lock();
-            list.allocated = list.allocated.saturating_sub(1);
+            list.allocated = list.allocated.saturating_sub(nr);
             if !list.removing {
-                // INVARIANT: The page's refcount is zero and it was not on
-                // the list while allocated. The capacity covers every page,
-                // so this never allocates.
-                let _ = list.free.push_within_capacity(index as u32);
+                // INVARIANT: The pages' refcount is zero and they were not
+                // listed while allocated. The capacities cover every page
+                // and group, so this never allocates.
+                if order == FOLIO_ORDER && index % FOLIO_PAGES == 0 {
+                    let _ = list
+                        .large
+                        .push_within_capacity((index / FOLIO_PAGES) as u32);
+                } else {
+                    for i in 0..nr {
+                        let _ = list.small.push_within_capacity((index + i) as u32);
+                    }
+                }
             }
         }
         this.ops.folio_free(this);
@@ -395,7 +500,8 @@ impl PinnedDrop for Pagemap {
         {
             let mut list = self.free.lock();
             list.removing = true;
-            list.free.clear();
+            list.small.clear();
+            list.large.clear();
         }
         // Evict until no page is left in use: a page may be locked by a
         // migration that runs right now, and only be mapped when it ends.
@@ -422,29 +528,52 @@ impl PinnedDrop for Pagemap {
     }
 }
 
-/// An allocated device page, fresh from [`Pagemap::alloc_page`]: locked,
-/// with the one reference that the allocation gave.
+/// An allocated device folio, fresh from [`Pagemap::alloc_page`] or
+/// [`Pagemap::alloc_folio`]: locked, with the one reference that the
+/// allocation gave.
 ///
 /// Dropping it unlocks it and puts that reference, which frees it. Giving
 /// it to a migration as a destination hands both over.
 ///
 /// # Invariants
 ///
-/// `page` is a device page of a live [`Pagemap`], locked by us, with a
-/// reference we own and a backing page.
+/// `page` is the first page of a device folio of order `order` of a live
+/// [`Pagemap`], locked by us, with a reference we own and backing pages.
 pub struct DevicePage {
     page: NonNull<bindings::page>,
+    order: u32,
 }
 
 impl DevicePage {
-    /// The backing page, which holds this page's data.
-    pub(super) fn backing(&self) -> *mut bindings::page {
-        // SAFETY: By the type invariant the page is allocated and has a
-        // backing page in `zone_device_data`.
-        unsafe { bindings::folio_zone_device_data(bindings::page_folio(self.page.as_ptr())).cast() }
+    /// Number of pages: 1, or [`FOLIO_PAGES`] for a large folio.
+    pub fn nr_pages(&self) -> usize {
+        1 << self.order
     }
 
-    /// Gives the page up, lock and reference included, as a raw pointer.
+    /// Whether this is a large folio.
+    pub fn is_large(&self) -> bool {
+        self.order > 0
+    }
+
+    /// The backing page of page `i` of the folio; null if out of range.
+    pub(super) fn backing_at(&self, i: usize) -> *mut bindings::page {
+        if i >= self.nr_pages() {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: By the type invariant the folio is allocated and
+        // referenced, so its pagemap is live; page `i` is in the folio.
+        let Some(pagemap) = (unsafe { Pagemap::of_page(self.page.as_ptr()) }) else {
+            return core::ptr::null_mut();
+        };
+        // SAFETY: A page of the folio, by pfn.
+        let page = unsafe {
+            bindings::pfn_to_page(bindings::page_to_pfn(self.page.as_ptr()) + i as c_ulong)
+        };
+        // SAFETY: `pfn_to_page` of a mapped pfn is not null.
+        pagemap.backing_of(unsafe { NonNull::new_unchecked(page) })
+    }
+
+    /// Gives the folio up, lock and reference included, as a raw pointer.
     pub(super) fn into_raw(self) -> *mut bindings::page {
         let page = self.page.as_ptr();
         core::mem::forget(self);
@@ -485,8 +614,31 @@ impl<'a> DevicePageRef<'a> {
 
     /// The backing page, which holds the page's data.
     pub(super) fn backing(&self) -> *mut bindings::page {
-        // SAFETY: By the type invariant the page is allocated and has a
-        // backing page in `zone_device_data`.
-        unsafe { bindings::folio_zone_device_data(bindings::page_folio(self.page.as_ptr())).cast() }
+        self.pagemap.backing_of(self.page)
+    }
+
+    /// The backing page of the page `i` pages after this one, if that is
+    /// still in this page's folio; null otherwise.
+    pub(super) fn backing_after(&self, i: usize) -> *mut bindings::page {
+        // SAFETY: By the type invariant the page is referenced.
+        let (folio, pfn) = unsafe {
+            let folio = bindings::page_folio(self.page.as_ptr());
+            (folio, bindings::page_to_pfn(self.page.as_ptr()) as usize)
+        };
+        // SAFETY: As above.
+        let (order, head) = unsafe {
+            (
+                bindings::folio_order(folio),
+                bindings::page_to_pfn(bindings::folio_page(folio, 0)) as usize,
+            )
+        };
+        if pfn + i >= head + (1usize << order) {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: A page of the same folio, by pfn.
+        let page = unsafe { bindings::pfn_to_page((pfn + i) as c_ulong) };
+        // SAFETY: `pfn_to_page` of a mapped pfn is not null.
+        self.pagemap
+            .backing_of(unsafe { NonNull::new_unchecked(page) })
     }
 }

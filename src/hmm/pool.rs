@@ -66,15 +66,19 @@ impl DevicePool {
         Ok(Self { id, owner, ops })
     }
 
-    /// Adds a pagemap to the pool.
+    /// Adds a pagemap for small pages to the pool.
     pub fn add_chunk(&self) -> Result {
         let mut pools = pools()?;
-        self.add_locked(&mut pools[self.id]).map(|_| ())
+        self.add_locked(&mut pools[self.id], false).map(|_| ())
     }
 
-    fn add_locked<'a>(&self, chunks: &'a mut KVec<Arc<Pagemap>>) -> Result<&'a Arc<Pagemap>> {
+    fn add_locked<'a>(
+        &self,
+        chunks: &'a mut KVec<Arc<Pagemap>>,
+        large_folios: bool,
+    ) -> Result<&'a Arc<Pagemap>> {
         chunks.reserve(1, GFP_KERNEL)?;
-        let pagemap = Pagemap::new(self.owner, self.ops)?;
+        let pagemap = Pagemap::new(self.owner, self.ops, large_folios)?;
         let count = chunks.len() + 1;
         pr_info!(
             "added new {} MB chunk (total {} chunks, {} MB)\n",
@@ -88,14 +92,35 @@ impl DevicePool {
 
     /// Allocates a device page, adding a pagemap when all are full.
     pub fn alloc_page(&self) -> Result<DevicePage> {
+        self.alloc(false)
+    }
+
+    /// Allocates a large (PMD-sized) device folio, adding a pagemap when
+    /// all are full.
+    pub fn alloc_folio(&self) -> Result<DevicePage> {
+        self.alloc(true)
+    }
+
+    fn alloc(&self, large: bool) -> Result<DevicePage> {
+        let alloc = |chunk: &Pagemap| {
+            if large {
+                chunk.alloc_folio()
+            } else {
+                chunk.alloc_page()
+            }
+        };
         let mut pools = pools()?;
         let chunks = &mut pools[self.id];
+        // `ENOSPC`: that pagemap is full, try the next one. Any other
+        // error (no memory for the backing pages) would be the same with
+        // a new pagemap.
         for chunk in chunks.iter() {
-            if let Ok(page) = chunk.alloc_page() {
-                return Ok(page);
+            match alloc(chunk) {
+                Err(e) if e == ENOSPC => {}
+                result => return result,
             }
         }
-        self.add_locked(chunks)?.alloc_page()
+        alloc(self.add_locked(chunks, large)?).map_err(|e| if e == ENOSPC { ENOMEM } else { e })
     }
 
     /// Migrates every device page of the pool back to system memory, as C
