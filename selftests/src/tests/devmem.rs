@@ -2,8 +2,8 @@
 
 //! Device-private memory: migration to the device and back, CPU faults on
 //! device pages, fork/COW of device pages, eviction on RELEASE and close,
-//! the FAIL_ALLOC flag, and exclusive access. Small pages only: every
-//! buffer is MADV_NOHUGEPAGE, so both modules take the same paths.
+//! the FAIL_ALLOC flag, and exclusive access. Small pages, but for
+//! `migrate_thp`: the other buffers are MADV_NOHUGEPAGE.
 
 use crate::check::{check_each, expect_errno};
 use crate::dmirror::{page_size, Counters, Dmirror};
@@ -29,6 +29,7 @@ pub const TESTS: &[Test] = &[
     Test::new("devmem.exclusive", exclusive),
     Test::new("devmem.exclusive_mprotect", exclusive_mprotect),
     Test::new("devmem.exclusive_fork", exclusive_fork),
+    Test::new("devmem.migrate_thp", migrate_thp),
 ];
 
 /// 1 MiB: 256 pages, within one migration window.
@@ -390,4 +391,38 @@ fn exclusive_fork() -> TestResult {
         npages(SIZE),
     )?;
     Ok(())
+}
+
+/// A PMD-mapped THP migrates whole: the device maps it with a PMD. A
+/// partial munmap splits the device folio; the rest faults back intact.
+fn migrate_thp() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let size = mem::pmd_size();
+    let region = Mapping::rw(2 * size)?;
+    let addr = mem::align_up(region.addr(), size);
+    mem::madvise(addr, size, libc::MADV_HUGEPAGE)?;
+    // SAFETY: [addr, addr+size) lies inside region and is writable.
+    let words = unsafe { std::slice::from_raw_parts_mut(addr as *mut u32, size / 4) };
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = i as u32;
+    }
+    let n = npages(size);
+    let snap = Mapping::rw(n)?;
+    d.snapshot(addr, snap.addr(), n)?;
+    if snap.bytes()[0] & HMM_DMIRROR_PROT_PMD == 0 {
+        crate::skip!("no transparent huge page at {addr:#x}");
+    }
+    let out = Mapping::rw(size)?;
+    let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each("device read", out.words(), |i| i as u32)?;
+    d.snapshot(addr, snap.addr(), n)?;
+    check_each("snapshot", &snap.bytes()[..n], |_| {
+        HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD
+    })?;
+    // Unmap the first quarter: the device folio is split.
+    let quarter = size / 4;
+    mem::unmap(addr, quarter)?;
+    let rest = &words[quarter / 4..];
+    check_each("CPU read of the rest", rest, |i| (i + quarter / 4) as u32)
 }
