@@ -338,17 +338,8 @@ impl Pagemap {
 
     fn alloc(&self, order: u32) -> Result<DevicePage> {
         let nr = 1usize << order;
-        // The backing pages: one block, split into independent pages, so
-        // that the pieces of a split device folio can be freed one by one.
-        // SAFETY: Allocating pages has no precondition.
-        let first = NonNull::new(unsafe { bindings::alloc_pages_noprof(GFP_HIGHUSER, order) })
-            .ok_or(ENOMEM)?;
-        // SAFETY: `first` is a fresh non-compound block of this order.
-        let first_backing = unsafe { bindings::page_to_pfn(first.as_ptr()) } as usize;
-        if order > 0 {
-            // SAFETY: As above; afterwards each page is an order-0 page.
-            unsafe { bindings::split_page(first.as_ptr(), order) };
-        }
+        // A free page (or group) first: a full pagemap costs no backing
+        // allocation.
         let index = {
             let mut list = self.free.lock();
             let index = if list.removing {
@@ -363,18 +354,35 @@ impl Pagemap {
             }
             index
         };
-        let Some(index) = index else {
-            // Full, or being removed: `ENOSPC`, which tells callers to try
-            // another pagemap.
-            for i in 0..nr {
-                // SAFETY: The pages were allocated above, split into
-                // order-0 pages, and are not used.
-                unsafe {
-                    bindings::__free_pages(bindings::pfn_to_page((first_backing + i) as c_ulong), 0)
+        // Full, or being removed: `ENOSPC`, which tells callers to try
+        // another pagemap.
+        let index = index.ok_or(ENOSPC)?;
+        // The backing pages: one block, split into independent pages, so
+        // that the pieces of a split device folio can be freed one by one.
+        // SAFETY: Allocating pages has no precondition.
+        let Some(first) =
+            NonNull::new(unsafe { bindings::alloc_pages_noprof(GFP_HIGHUSER, order) })
+        else {
+            let mut list = self.free.lock();
+            list.allocated -= nr;
+            if !list.removing {
+                // INVARIANT: Still free, and off the list since popped. The
+                // capacities cover every page and group.
+                let _ = if order > 0 {
+                    list.large
+                        .push_within_capacity((index / FOLIO_PAGES) as u32)
+                } else {
+                    list.small.push_within_capacity(index as u32)
                 };
             }
-            return Err(ENOSPC);
+            return Err(ENOMEM);
         };
+        // SAFETY: `first` is a fresh non-compound block of this order.
+        let first_backing = unsafe { bindings::page_to_pfn(first.as_ptr()) } as usize;
+        if order > 0 {
+            // SAFETY: As above; afterwards each page is an order-0 page.
+            unsafe { bindings::split_page(first.as_ptr(), order) };
+        }
         for i in 0..nr {
             // SAFETY: A pfn of the block allocated above.
             let page = unsafe { bindings::pfn_to_page((first_backing + i) as c_ulong) };
