@@ -33,6 +33,14 @@ impl AlignedMapping {
     pub fn addr(&self) -> usize {
         self.addr
     }
+
+    /// Write one byte in every page, as [`touch`] does.
+    pub fn touch(&mut self, page_size: usize) {
+        for offset in (0..self.len).step_by(page_size) {
+            // SAFETY: the mapping is ours, read/write, `len` bytes long.
+            unsafe { ((self.addr + offset) as *mut u8).write_volatile(0x5a) };
+        }
+    }
 }
 
 impl Drop for AlignedMapping {

@@ -250,6 +250,7 @@ fn growth(rows: &[Row]) -> Vec<Growth> {
 pub(crate) mod tests {
     use super::*;
     use crate::model::WorkloadRun;
+    use crate::workload::Backing;
 
     fn sample(ns: u64, pages: u64) -> Sample {
         Sample {
@@ -298,9 +299,9 @@ pub(crate) mod tests {
             ),
         ];
         workloads.push(WorkloadRun {
-            name: "MIGRATE_TO_DEV touched 2 MiB".into(),
+            name: "MIGRATE_TO_DEV touched 4K 2 MiB".into(),
             op: Op::MigrateToDev,
-            memory: Memory::Touched,
+            memory: Memory::Touched(Backing::Small),
             pages: 512,
             outcome: if module == "c" {
                 Outcome::Ok {

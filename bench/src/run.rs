@@ -5,9 +5,9 @@
 
 use crate::mem::{touch, AlignedMapping};
 use crate::model::{GuestInfo, ModuleRun, Outcome, Sample, WorkloadRun};
-use crate::workload::{Memory, Op, Resolve, Workload, MIN_REPS, PAGE, TIME_BUDGET};
+use crate::workload::{Backing, Memory, Op, Resolve, Workload, MIN_REPS, PAGE, TIME_BUDGET};
 use hmm_dmirror_selftests::dmirror::{page_size, Dmirror};
-use hmm_dmirror_selftests::mem::{Mapping, TWO_MB};
+use hmm_dmirror_selftests::mem::{madvise, Mapping, TWO_MB};
 use hmm_dmirror_selftests::uffd::{Handler, HandlerConfig, Uffd};
 use std::io;
 use std::sync::Arc;
@@ -117,23 +117,47 @@ fn measure(w: &Workload) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
+/// The memory under one repetition, unmapped on drop.
+enum Region {
+    Plain(Mapping),
+    Aligned(AlignedMapping),
+}
+
+impl Region {
+    fn addr(&self) -> usize {
+        match self {
+            Region::Plain(m) => m.addr(),
+            Region::Aligned(m) => m.addr(),
+        }
+    }
+}
+
 /// A new mapping, prepared as `memory` asks, for one repetition.
-fn prepare(d: &Dmirror, w: &Workload, memory: Memory, buf: usize) -> Result<Mapping> {
-    let mut m = Mapping::rw(w.bytes())?;
-    match memory {
-        Memory::Untouched => {}
-        Memory::Touched => touch(&mut m, PAGE),
+fn prepare(d: &Dmirror, w: &Workload, memory: Memory, buf: usize) -> Result<Region> {
+    let (backing, to_device) = match memory {
+        Memory::Touched(b) => (b, false),
+        Memory::OnDevice(b) => (b, true),
+        Memory::Untouched => return Ok(Region::Plain(Mapping::rw(w.bytes())?)),
         Memory::Mirrored => {
+            let mut m = Mapping::rw(w.bytes())?;
             touch(&mut m, PAGE);
             ioctl(d, Op::Read, m.addr(), buf, w.pages)?;
-        }
-        Memory::OnDevice => {
-            touch(&mut m, PAGE);
-            ioctl(d, Op::MigrateToDev, m.addr(), buf, w.pages)?;
+            return Ok(Region::Plain(m));
         }
         Memory::Userfault(_) => unreachable!("timed_userfault sets it up"),
+    };
+    // Aligned, so that THP backing gets whole PMDs.
+    let mut m = AlignedMapping::new(w.bytes(), TWO_MB)?;
+    let advice = match backing {
+        Backing::Small => libc::MADV_NOHUGEPAGE,
+        Backing::Thp => libc::MADV_HUGEPAGE,
+    };
+    madvise(m.addr(), w.bytes(), advice)?;
+    m.touch(PAGE);
+    if to_device {
+        ioctl(d, Op::MigrateToDev, m.addr(), buf, w.pages)?;
     }
-    Ok(m)
+    Ok(Region::Aligned(m))
 }
 
 /// One repetition over a fresh userfaultfd-MISSING region, with a handler

@@ -383,7 +383,7 @@ mod tests {
         assert_eq!(unl.split_whitespace().nth(1), Some("16"), "{unl}");
         assert!(t.contains("16->256 1.00"), "{t}");
         assert!(
-            t.contains("Rust MIGRATE_TO_DEV touched 2 MiB: skipped"),
+            t.contains("Rust MIGRATE_TO_DEV touched 4K 2 MiB: skipped"),
             "{t}"
         );
         let mig = t.lines().find(|l| l.starts_with("MIGRATE_TO_DEV")).unwrap();
