@@ -19,7 +19,7 @@ use kernel::{
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
-        virt::{flags as vm_flags, VmaNew},
+        virt::{flags as vm_flags, VmaNew, VmaRef},
         MmWithUser,
     },
     page::{Page, PAGE_SHIFT, PAGE_SIZE},
@@ -327,14 +327,7 @@ impl DmirrorFile {
             let lock = MmapReadGuard::lock(&mm);
             let mut addr = span.start;
             while addr < span.end {
-                let vma = lock
-                    .vma_lookup(addr)
-                    .filter(|vma| vma.flags() & vm_flags::READ != 0)
-                    .ok_or(EINVAL)?;
-                let next = span
-                    .end
-                    .min(addr + MAX_MIGRATE_PAGES * PAGE_SIZE)
-                    .min(vma.end());
+                let (vma, next) = migration_step(&lock, addr, span.end)?;
                 let mut migration = Migration::setup(
                     &lock,
                     vma,
@@ -495,14 +488,7 @@ impl DmirrorFile {
         let lock = MmapReadGuard::lock(&mm);
         let mut addr = span.start;
         while addr < span.end {
-            let vma = lock
-                .vma_lookup(addr)
-                .filter(|vma| vma.flags() & vm_flags::READ != 0)
-                .ok_or(EINVAL)?;
-            let next = span
-                .end
-                .min(addr + MAX_MIGRATE_PAGES * PAGE_SIZE)
-                .min(vma.end());
+            let (vma, next) = migration_step(&lock, addr, span.end)?;
             let mut migration = Migration::setup(
                 &lock,
                 vma,
@@ -534,6 +520,22 @@ impl DmirrorFile {
         }
         Ok(())
     }
+}
+
+/// The readable VMA at `addr` (`EINVAL` if there is none, as in C) and
+/// where this migration step ends: after at most `MAX_MIGRATE_PAGES`, at
+/// the end of the VMA or at `end`.
+fn migration_step<'a>(
+    lock: &'a MmapReadGuard<'_>,
+    addr: usize,
+    end: usize,
+) -> Result<(&'a VmaRef, usize)> {
+    let vma = lock
+        .vma_lookup(addr)
+        .filter(|vma| vma.flags() & vm_flags::READ != 0)
+        .ok_or(EINVAL)?;
+    let next = end.min(addr + MAX_MIGRATE_PAGES * PAGE_SIZE).min(vma.end());
+    Ok((vma, next))
 }
 
 /// Faults one window into the device page table with the mmap lock held.
