@@ -394,7 +394,6 @@ const CHURN_WORKERS: usize = 3;
 #[derive(Default, Debug)]
 struct Mutations {
     remap: u64,
-    fixed: u64,
     mprotect: u64,
     dontneed: u64,
     mremap: u64,
@@ -434,8 +433,8 @@ fn mm_churn() -> TestResult {
     }
     let m = res?;
     diag!(
-        "mutations: {} munmap+mmap, {} mmap over, {} mprotect, {} MADV_DONTNEED, {} mremap there and back ({} refused), {} fork",
-        m.remap, m.fixed, m.mprotect, m.dontneed, m.mremap, m.mremap_refused, m.fork
+        "mutations: {} mmap over, {} mprotect, {} MADV_DONTNEED, {} mremap there and back ({} refused), {} fork",
+        m.remap, m.mprotect, m.dontneed, m.mremap, m.mremap_refused, m.fork
     );
     report("mm_churn", &tally, allowed_churn)
 }
@@ -444,20 +443,15 @@ fn rw() -> i32 {
     libc::PROT_READ | libc::PROT_WRITE
 }
 
-/// Map fresh anonymous memory at exactly `addr`.
-fn map_at(addr: usize, len: usize, replace: bool) -> io::Result<()> {
-    let fixed = if replace {
-        libc::MAP_FIXED
-    } else {
-        libc::MAP_FIXED_NOREPLACE
-    };
+/// Map fresh anonymous memory at exactly `addr`, over what is there.
+fn map_at(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the range is ours: the region or the scratch area.
     let p = unsafe {
         libc::mmap(
             addr as *mut _,
             len,
             rw(),
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
             -1,
             0,
         )
@@ -509,14 +503,13 @@ fn mutate(
         let n = 1 + rng.below((CHURN_PAGES - first) as u64) as usize;
         let (addr, len) = (base + first * ps, n * ps);
         match rng.below(8) {
-            0 => {
-                mem::unmap(addr, len).map_err(|e| lost("munmap", e))?;
-                map_at(addr, len, false).map_err(|e| lost("mmap back", e))?;
+            0 | 1 => {
+                // A new mapping over the range unmaps the old one (UNMAP
+                // events) without leaving a hole: between a munmap() and a
+                // MAP_FIXED_NOREPLACE, another thread's mmap() could take
+                // it (EEXIST, seen once).
+                map_at(addr, len).map_err(|e| lost("mmap over", e))?;
                 m.remap += 1;
-            }
-            1 => {
-                map_at(addr, len, true).map_err(|e| lost("mmap over", e))?;
-                m.fixed += 1;
             }
             2 => {
                 let prot = [libc::PROT_NONE, libc::PROT_READ, rw()][rng.below(3) as usize];
@@ -545,7 +538,7 @@ fn mutate(
                     continue;
                 }
                 mremap_to(to, len, addr).map_err(|e| lost("mremap back", e))?;
-                map_at(to, len, true).map_err(|e| lost("refilling the scratch area", e))?;
+                map_at(to, len).map_err(|e| lost("refilling the scratch area", e))?;
                 m.mremap += 1;
             }
             6 => {
