@@ -202,21 +202,17 @@ impl DmirrorFile {
     /// READ and READ_UNLOCKABLE: copy what the device sees at `span` to the
     /// user buffer, faulting in what it does not map yet.
     fn read(&self, cmd: &mut HmmDmirrorCmd, span: &Span, mode: LockMode) -> Result {
-        let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
+        let mut bounce = bounce_buffer(span)?;
         cmd.faults = self.for_each_page(span, Request::Read, mode, |table, index| {
             table.read_page(index, &mut bounce)
         })?;
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
-            .writer()
-            .write_slice(&bounce)?;
-        cmd.cpages = span.pages();
-        Ok(())
+        copy_out(cmd, span, &bounce)
     }
 
     /// WRITE: copy the user buffer to `span` through the device, faulting
     /// pages in writable.
     fn write(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
-        let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
+        let mut bounce = bounce_buffer(span)?;
         UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
             .reader()
             .read_all(&mut bounce, GFP_KERNEL)?;
@@ -366,7 +362,7 @@ impl DmirrorFile {
     /// faulting: `ENOENT` if a page is not mapped (C's `dmirror_do_read`
     /// after a migration).
     fn read_mapped(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
-        let mut bounce = VVec::<u8>::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?;
+        let mut bounce = bounce_buffer(span)?;
         {
             let table = self.mirror.lock();
             for index in (span.start >> PAGE_SHIFT)..(span.end >> PAGE_SHIFT) {
@@ -375,11 +371,7 @@ impl DmirrorFile {
                 }
             }
         }
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
-            .writer()
-            .write_slice(&bounce)?;
-        cmd.cpages = span.pages();
-        Ok(())
+        copy_out(cmd, span, &bounce)
     }
 
     /// EXCLUSIVE: takes exclusive (atomic) access to the pages of `span`,
@@ -520,6 +512,23 @@ impl DmirrorFile {
         }
         Ok(())
     }
+}
+
+/// The kernel copy of the user buffer of a READ or WRITE of `span`. Its
+/// size comes from user space: a failure is `ENOMEM`, without the
+/// allocator's warning.
+fn bounce_buffer(span: &Span) -> Result<VVec<u8>> {
+    Ok(VVec::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?)
+}
+
+/// Copies `bounce`, the device's view of `span`, to the user buffer, and
+/// counts the pages.
+fn copy_out(cmd: &mut HmmDmirrorCmd, span: &Span, bounce: &[u8]) -> Result {
+    UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
+        .writer()
+        .write_slice(bounce)?;
+    cmd.cpages = span.pages();
+    Ok(())
 }
 
 /// The readable VMA at `addr` (`EINVAL` if there is none, as in C) and
