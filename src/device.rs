@@ -38,8 +38,8 @@ impl DeviceKind {
 
 /// One static per device: its address is the device's identity as the
 /// owner of its pages, of its faults and of its migrations back to system
-/// memory. Migrations to the device are owned by the file that starts
-/// them (see `FileMirrorOps`).
+/// memory. Migrations to the device are owned by the mirror that starts
+/// them (`Migration::to_device`).
 struct OwnerTag(#[allow(dead_code)] u8);
 static OWNER_TAGS: [OwnerTag; MAX_DEVICES] = [OwnerTag(0), OwnerTag(1), OwnerTag(2), OwnerTag(3)];
 /// A device, as a file opened on it sees it.

@@ -6,10 +6,9 @@
 use crate::{
     device::{copy_to_system, Device, FLAG_FAIL_ALLOC},
     hmm::{
-        self, Collected, Deadline, Destination, DevicePageTable, DevicePool, Event, ExclusivePage,
-        HmmRange, Invalidation, Migration, Mirror, MirrorOps, MirroredAccess, MmapReadGuard, Owner,
-        PageKind, Request, Select, Source, ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT,
-        PUD_SHIFT,
+        self, Collected, Deadline, Destination, DevicePageTable, DevicePool, ExclusivePage,
+        HmmRange, Migration, Mirror, MmapReadGuard, Owner, PageKind, Request, Source, ValidPfn,
+        FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -34,36 +33,6 @@ const WINDOW_PAGES: usize = 32;
 /// How long a fault or snapshot retries invalidated ranges before it gives
 /// up with `EBUSY` (`HMM_RANGE_DEFAULT_TIMEOUT`).
 const RANGE_TIMEOUT_MS: u32 = 1000;
-
-/// The mirror of an open file ignores the migrations to the device that
-/// the file itself starts: such a migration maps the pages it moved
-/// itself. It sees every other migration like any other invalidation: one
-/// to the device by another file (even of the same device), and those back
-/// to system memory (ioctl, CPU fault, eviction), which drop the device
-/// pages from every mirror.
-pub(crate) struct FileMirrorOps {
-    /// Not zero-sized, so that its address is its own.
-    _id: u8,
-}
-
-impl FileMirrorOps {
-    /// The owner of this file's migrations to the device: the address of
-    /// these ops, which live pinned in the file's mirror.
-    fn inbound(&self) -> Owner {
-        Owner::of_pinned(self)
-    }
-}
-
-impl MirrorOps for FileMirrorOps {
-    fn ignores(&self, invalidation: &Invalidation<'_>) -> bool {
-        invalidation.event() == Event::Migrate && invalidation.owner() == Some(self.inbound())
-    }
-}
-
-/// A mirror that only detects invalidations, for one snapshot. It
-/// sees every event, the device's own migrations included.
-struct SnapshotOps;
-impl MirrorOps for SnapshotOps {}
 
 /// How the faults of a read may treat the mmap lock.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -110,7 +79,7 @@ impl Span {
 pub(crate) struct DmirrorFile {
     device: Device,
     #[pin]
-    mirror: Mirror<FileMirrorOps>,
+    mirror: Mirror,
     /// `HMM_DMIRROR_FLAGS`, consumed by migrations.
     flags: AtomicU64,
 }
@@ -126,12 +95,7 @@ impl MiscDevice for DmirrorFile {
         KBox::try_pin_init(
             try_pin_init!(Self {
                 device,
-                mirror <- Mirror::new(
-                    mm,
-                    0,
-                    usize::MAX & !(PAGE_SIZE - 1),
-                    FileMirrorOps { _id: 0 },
-                ),
+                mirror <- Mirror::new(mm, 0, usize::MAX & !(PAGE_SIZE - 1)),
                 flags: AtomicU64::new(0),
             }),
             GFP_KERNEL,
@@ -257,7 +221,7 @@ impl DmirrorFile {
     fn fault(&self, start: usize, end: usize, request: Request, mode: LockMode) -> Result {
         let mm = self.mm()?;
         let mut range =
-            HmmRange::<_, WINDOW_PAGES>::new(&self.mirror, request, Some(self.device.owner()));
+            HmmRange::<WINDOW_PAGES>::new(&self.mirror, request, Some(self.device.owner()));
         let mut addr = start;
         while addr < end {
             let next = end.min(addr + WINDOW_PAGES * PAGE_SIZE);
@@ -279,12 +243,12 @@ impl DmirrorFile {
             UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.pages() as usize).writer();
         let owner = self.device.owner();
         let mut perms = [0u8; WINDOW_PAGES];
-        // A notifier of its own sees the device's own migrations too, which
-        // the file's mirror ignores. C inserts one per window; one over the
-        // whole span costs one insertion, and an invalidation elsewhere in
-        // the span only retries the window at hand.
-        stack_try_pin_init!(let watch =? Mirror::new(&mm, span.start, span.end - span.start, SnapshotOps));
-        let mut range = HmmRange::<_, WINDOW_PAGES>::new(&watch, Request::Snapshot, Some(owner));
+        // A notifier of its own, as C's: a snapshot does not touch the
+        // device page table. C inserts one per window; one over the whole
+        // span costs one insertion, and an invalidation elsewhere in the
+        // span only retries the window at hand.
+        stack_try_pin_init!(let watch =? Mirror::new(&mm, span.start, span.end - span.start));
+        let mut range = HmmRange::<WINDOW_PAGES>::new(&watch, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
             let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
@@ -314,9 +278,8 @@ impl DmirrorFile {
     fn migrate_to_device(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
         let pool = self.device.pool()?;
         let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
-        // Before the mmap lock, as `read_begin` may wait. The mirror
-        // ignores this migration's own invalidation, so any other one
-        // since makes `map_into` refuse.
+        // Before the mmap lock, as `read_begin` may wait. Any invalidation
+        // since, but this migration's own, makes `map_into` refuse.
         let seq = self.mirror.read_begin();
         let mut mapped = true;
         {
@@ -324,15 +287,8 @@ impl DmirrorFile {
             let mut addr = span.start;
             while addr < span.end {
                 let (vma, next) = migration_step(&lock, addr, span.end)?;
-                let mut migration = Migration::setup(
-                    &lock,
-                    vma,
-                    addr,
-                    next,
-                    Select::System,
-                    true,
-                    self.mirror.ops().inbound(),
-                )?;
+                let mut migration =
+                    Migration::to_device(&lock, vma, addr, next, true, &self.mirror)?;
                 for index in 0..migration.len() {
                     self.copy_to_device(&pool, &mut migration, index)?;
                 }
@@ -449,8 +405,7 @@ impl DmirrorFile {
     /// device page table, without faulting anything.
     fn map_device_pages(&self, mm: &MmWithUser, span: &Span) -> Result {
         let owner = self.device.owner();
-        let mut range =
-            HmmRange::<_, WINDOW_PAGES>::new(&self.mirror, Request::Snapshot, Some(owner));
+        let mut range = HmmRange::<WINDOW_PAGES>::new(&self.mirror, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
             let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
@@ -481,15 +436,8 @@ impl DmirrorFile {
         let mut addr = span.start;
         while addr < span.end {
             let (vma, next) = migration_step(&lock, addr, span.end)?;
-            let mut migration = Migration::setup(
-                &lock,
-                vma,
-                addr,
-                next,
-                Select::DevicePrivate,
-                true,
-                self.device.owner(),
-            )?;
+            let mut migration =
+                Migration::to_system(&lock, vma, addr, next, true, self.device.owner())?;
             copy_to_system(&mut migration, Some(&self.flags))?;
             let migrated = migration.pages();
             cmd.cpages += migrated.moved_present() as u64;
@@ -503,11 +451,7 @@ impl DmirrorFile {
     /// to a page of `span`.
     fn check_exclusive(&self, span: &Span) -> Result {
         let table = self.mirror.lock();
-        if table.any_with_access(
-            span.start >> PAGE_SHIFT,
-            (span.end >> PAGE_SHIFT) - 1,
-            MirroredAccess::Atomic,
-        ) {
+        if table.any_exclusive(span.start >> PAGE_SHIFT, (span.end >> PAGE_SHIFT) - 1) {
             return Err(EPERM);
         }
         Ok(())
@@ -549,7 +493,7 @@ fn migration_step<'a>(
 
 /// Faults one window into the device page table with the mmap lock held.
 /// Invalidated attempts retry for at most `RANGE_TIMEOUT_MS`, as in C.
-fn fault_window(range: &mut HmmRange<'_, FileMirrorOps, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
+fn fault_window(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
     retry_until_valid(range, mm, store_window)
 }
 
@@ -557,10 +501,10 @@ fn fault_window(range: &mut HmmRange<'_, FileMirrorOps, WINDOW_PAGES>, mm: &MmWi
 /// the mmap lock held, unlock, then `finish` (which returns `false` when an
 /// invalidation made the attempt stale). Gives up with `EBUSY` after
 /// `RANGE_TIMEOUT_MS`.
-fn retry_until_valid<T: MirrorOps>(
-    range: &mut HmmRange<'_, T, WINDOW_PAGES>,
+fn retry_until_valid(
+    range: &mut HmmRange<'_, WINDOW_PAGES>,
     mm: &MmWithUser,
-    mut finish: impl FnMut(&HmmRange<'_, T, WINDOW_PAGES>) -> Result<bool>,
+    mut finish: impl FnMut(&HmmRange<'_, WINDOW_PAGES>) -> Result<bool>,
 ) -> Result {
     let deadline = Deadline::after_ms(RANGE_TIMEOUT_MS);
     loop {
@@ -587,10 +531,7 @@ fn retry_until_valid<T: MirrorOps>(
 /// the lock instead of walking the window again; any invalidation starts a
 /// new attempt with a new sequence. This goes on for as long as it takes,
 /// as C's `READ_UNLOCKED` does; a fatal signal ends it with `EINTR`.
-fn fault_window_unlockable(
-    range: &mut HmmRange<'_, FileMirrorOps, WINDOW_PAGES>,
-    mm: &MmWithUser,
-) -> Result {
+fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
     let mut resumed = None;
     loop {
         if hmm::fatal_signal_pending() {
@@ -618,7 +559,7 @@ fn fault_window_unlockable(
 
 /// Stores a faulted window in the device page table, unless an
 /// invalidation made it stale (then returns `false`).
-fn store_window(range: &HmmRange<'_, FileMirrorOps, WINDOW_PAGES>) -> Result<bool> {
+fn store_window(range: &HmmRange<'_, WINDOW_PAGES>) -> Result<bool> {
     let Some(locked) = range.lock_if_valid() else {
         return Ok(false);
     };

@@ -7,9 +7,10 @@
 //!
 //! A migration of a virtual address range goes, in this order:
 //!
-//! 1. [`Migration::setup`] (or [`Migration::setup_fault`] in a CPU fault):
-//!    `migrate_vma_setup()` collects and locks the source pages and puts
-//!    migration entries in the CPU page table. It gives a [`Collected`].
+//! 1. [`Migration::to_device`], [`Migration::to_system`] (or
+//!    [`Migration::setup_fault`] in a CPU fault): `migrate_vma_setup()`
+//!    collects and locks the source pages and puts migration entries in
+//!    the CPU page table. It gives a [`Collected`].
 //! 2. [`Collected::source`] tells what is at each page;
 //!    [`Collected::set_destination`] hands over a destination page, with
 //!    the data copied in.
@@ -23,7 +24,7 @@
 
 use super::{
     pagemap::{DevicePage, DevicePageRef, Pagemap, FOLIO_ORDER, GFP_HIGHUSER_MOVABLE},
-    CpuFault, MirrorGuard, MirrorOps, MirroredAccess, MmapReadGuard, Owner, Seq,
+    CpuFault, Mirror, MirrorGuard, MirroredAccess, MmapReadGuard, Owner, Seq,
 };
 use core::{marker::PhantomData, ptr::NonNull};
 use kernel::{
@@ -45,7 +46,7 @@ pub const MAX_MIGRATE_PAGES: usize = 512;
 
 /// Which pages a migration collects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Select {
+enum Select {
     /// System memory, and holes (to migrate to the device).
     System,
     /// Device-private pages of the migration's owner (to migrate back).
@@ -240,6 +241,8 @@ struct Raw<'a> {
     args: bindings::migrate_vma,
     src: KVVec<c_ulong>,
     dst: KVVec<c_ulong>,
+    /// The mirror a migration to the device is for.
+    mirror: Option<&'a Mirror>,
     _vma: PhantomData<&'a VmaRef>,
 }
 
@@ -261,18 +264,43 @@ impl Drop for Raw<'_> {
 pub struct Migration;
 
 impl Migration {
-    /// Sets up the migration of `[start, end)`, inside `vma` and at most
+    /// Sets up the migration of `[start, end)` to `mirror`'s device: the
+    /// system pages and holes of the range, inside `vma` and at most
     /// [`MAX_MIGRATE_PAGES`] pages (`migrate_vma_setup()`). The mmap read
-    /// lock must be held, which `vma` proves. `owner` is the device's: the
-    /// device-private pages to collect, and the owner of the invalidation.
-    /// With `compound`, PMD-sized folios (and holes) are collected whole
-    /// (`MIGRATE_VMA_SELECT_COMPOUND`).
-    pub fn setup<'a>(
+    /// lock must be held, which `vma` proves. With `compound`, PMD-sized
+    /// folios (and holes) are collected whole (`MIGRATE_VMA_SELECT_COMPOUND`).
+    ///
+    /// The invalidation is `mirror`'s own, so that [`Migrated::map_into`]
+    /// can map the moved pages into it.
+    pub fn to_device<'a>(
         _lock: &'a MmapReadGuard<'_>,
         vma: &'a VmaRef,
         start: usize,
         end: usize,
-        select: Select,
+        compound: bool,
+        mirror: &'a Mirror,
+    ) -> Result<Collected<'a>> {
+        let mut collected = Self::setup_raw(
+            vma.as_ptr(),
+            start,
+            end,
+            Select::System,
+            compound,
+            mirror.migration_owner(),
+            core::ptr::null_mut(),
+        )?;
+        collected.raw.mirror = Some(mirror);
+        Ok(collected)
+    }
+
+    /// Sets up the migration of `[start, end)` back to system memory: the
+    /// device-private pages of `owner` in the range, as in
+    /// [`to_device`](Self::to_device).
+    pub fn to_system<'a>(
+        _lock: &'a MmapReadGuard<'_>,
+        vma: &'a VmaRef,
+        start: usize,
+        end: usize,
         compound: bool,
         owner: Owner,
     ) -> Result<Collected<'a>> {
@@ -280,7 +308,7 @@ impl Migration {
             vma.as_ptr(),
             start,
             end,
-            select,
+            Select::DevicePrivate,
             compound,
             owner,
             core::ptr::null_mut(),
@@ -361,6 +389,7 @@ impl Migration {
                 args,
                 src,
                 dst,
+                mirror: None,
                 _vma: PhantomData,
             },
         })
@@ -526,17 +555,22 @@ impl Migrated<'_> {
             .count()
     }
 
-    /// Maps the device pages that this migration moved into `guard`'s
-    /// device page table, by their backing pages, unless an invalidation
-    /// hit the mirror since `seq` (then returns `false` and maps nothing).
-    ///
-    /// `seq` must have been taken before [`Migration::setup`] by a mirror
-    /// whose ops ignore this migration's own invalidation, or the check
-    /// always fails. With it, no invalidation ran between setup and now, so
-    /// every moved page is going to be mapped by finalize; any later unmap
-    /// invalidates, and so erases, the entries.
-    pub fn map_into<T: MirrorOps>(&self, guard: &MirrorGuard<'_, T>, seq: Seq) -> Result<bool> {
-        if guard.has_changed(seq) {
+    /// Maps the device pages that this migration to the device moved into
+    /// its mirror, whose lock `guard` is, by their backing pages. Maps
+    /// nothing, and returns `false`, if anything but the mirror's own
+    /// migrations invalidated it since `seq`, taken before
+    /// [`Migration::to_device`]: then a page that moved may be unmapped
+    /// again already. Otherwise finalize maps every moved page, and any
+    /// later invalidation erases what this maps.
+    pub fn map_into(&self, guard: &MirrorGuard<'_>, seq: Seq) -> Result<bool> {
+        if !self
+            .raw
+            .mirror
+            .is_some_and(|mirror| core::ptr::eq(mirror, guard.mirror()))
+        {
+            return Err(EINVAL);
+        }
+        if !guard.only_own_migrations_since(seq) {
             return Ok(false);
         }
         let first = (self.raw.args.start as usize) >> PAGE_SHIFT;
@@ -570,8 +604,9 @@ impl Migrated<'_> {
             for i in 0..nr.min(self.raw.len() - index) {
                 // SAFETY: The backing pages live as long as the device
                 // folio, which finalize maps (its migration succeeded and
-                // nothing invalidated the range since `seq`); they are
-                // erased from the table with that mapping.
+                // only this mirror's own migrations, which cannot touch a
+                // page this one holds, invalidated it since `seq`); they
+                // are erased from the table with that mapping.
                 unsafe { guard.store_raw(first + index + i, device.backing_after(i), access) }?;
             }
         }

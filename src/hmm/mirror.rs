@@ -3,7 +3,7 @@
 //! An mmu interval notifier with the device page table it keeps coherent.
 
 use super::{DevicePageTable, Owner};
-use core::ops::Deref;
+use core::{cell::Cell, ops::Deref};
 use kernel::{
     bindings,
     error::to_result,
@@ -16,79 +16,32 @@ use kernel::{
     types::Opaque, //
 };
 
-/// The kind of an address-space change (`enum mmu_notifier_event`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// The range is unmapped (munmap, mremap).
-    Unmap,
-    /// Pages are cleared from the page tables (reclaim, madvise, ...).
-    Clear,
-    /// Protection changes over a whole VMA.
-    ProtectionVma,
-    /// Protection changes for individual pages.
-    ProtectionPage,
-    /// Soft-dirty tracking.
-    SoftDirty,
-    /// The address space is being torn down.
-    Release,
-    /// Pages are migrated; [`Invalidation::owner`] tells by whom.
-    Migrate,
-    /// A device takes exclusive access; [`Invalidation::owner`] tells who.
-    Exclusive,
-    /// An event this abstraction does not know.
-    Other(u32),
-}
-
 /// An invalidation, as the notifier callback sees it.
-pub struct Invalidation<'a> {
+struct Invalidation<'a> {
     range: &'a bindings::mmu_notifier_range,
 }
 
 impl Invalidation<'_> {
     /// First address of the invalidated range.
-    pub fn start(&self) -> usize {
+    fn start(&self) -> usize {
         self.range.start as usize
     }
 
     /// End (exclusive) of the invalidated range.
-    pub fn end(&self) -> usize {
+    fn end(&self) -> usize {
         self.range.end as usize
     }
 
-    /// What is happening to the range.
-    pub fn event(&self) -> Event {
-        match self.range.event {
-            bindings::mmu_notifier_event_MMU_NOTIFY_UNMAP => Event::Unmap,
-            bindings::mmu_notifier_event_MMU_NOTIFY_CLEAR => Event::Clear,
-            bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_VMA => Event::ProtectionVma,
-            bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_PAGE => Event::ProtectionPage,
-            bindings::mmu_notifier_event_MMU_NOTIFY_SOFT_DIRTY => Event::SoftDirty,
-            bindings::mmu_notifier_event_MMU_NOTIFY_RELEASE => Event::Release,
-            bindings::mmu_notifier_event_MMU_NOTIFY_MIGRATE => Event::Migrate,
-            bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE => Event::Exclusive,
-            other => Event::Other(other),
-        }
-    }
-
-    /// Who started a migration or exclusive-access event.
-    pub fn owner(&self) -> Option<Owner> {
-        Owner::from_ptr(self.range.owner)
+    /// Whether pages of the range are being migrated by `owner`.
+    fn is_migration_by(&self, owner: Owner) -> bool {
+        self.range.event == bindings::mmu_notifier_event_MMU_NOTIFY_MIGRATE
+            && Owner::from_ptr(self.range.owner) == Some(owner)
     }
 
     /// Whether the callback may sleep. If not, it may only try the lock.
-    pub fn is_blockable(&self) -> bool {
+    fn is_blockable(&self) -> bool {
         // SAFETY: `self.range` is a valid notifier range.
         unsafe { bindings::mmu_notifier_range_blockable(self.range) }
-    }
-}
-
-/// What a [`Mirror`]'s owner decides about invalidations.
-pub trait MirrorOps: Send + Sync {
-    /// Returns `true` for an invalidation the device does not need to see,
-    /// for example its own migrations. The mirror then neither takes its
-    /// lock nor bumps its sequence. Called without the lock held.
-    fn ignores(&self, _invalidation: &Invalidation<'_>) -> bool {
-        false
     }
 }
 
@@ -102,32 +55,46 @@ pub struct Seq(pub(super) c_ulong);
 /// the [`DevicePageTable`] it keeps coherent, and the driver lock that
 /// serializes them.
 ///
-/// On every invalidation the [`MirrorOps`] may ignore, the notifier takes
-/// the lock (only tries it when the event is not blockable), sets the new
-/// sequence and erases the range from the table. The sequence can be
-/// checked, and the table reached, only through a [`MirrorGuard`], that
-/// is with the same lock held.
+/// On every invalidation the notifier takes the lock (only tries it when
+/// the event is not blockable), sets the new sequence and erases the range
+/// from the table. The sequence can be checked, and the table reached,
+/// only through a [`MirrorGuard`], that is with the same lock held.
+///
+/// Migrations to the device that the mirror starts itself
+/// ([`Migration::to_device`](super::Migration::to_device)) invalidate like
+/// any other, but the mirror remembers an unbroken run of them, so that
+/// such a migration can still map the pages it moved
+/// ([`MirrorGuard::only_own_migrations_since`]).
 ///
 /// # Invariants
 ///
 /// `notifier` is inserted into `mm`'s interval tree, with the ops of
 /// [`Self::OPS`], from initialization until drop.
 #[pin_data(PinnedDrop)]
-pub struct Mirror<T: MirrorOps> {
-    ops: T,
+pub struct Mirror {
     #[pin]
-    table: Mutex<DevicePageTable>,
+    state: Mutex<MirrorState>,
     #[pin]
     notifier: Opaque<bindings::mmu_interval_notifier>,
 }
 
+/// What the lock of a [`Mirror`] guards.
+#[pin_data]
+struct MirrorState {
+    #[pin]
+    table: DevicePageTable,
+    /// The notifier sequence before, and after, the last unbroken run of
+    /// invalidations by this mirror's own migrations.
+    own_run: Cell<Option<(c_ulong, c_ulong)>>,
+}
+
 // SAFETY: The notifier is only touched by the mm core and through `&self`
 // methods that the C API allows from any thread.
-unsafe impl<T: MirrorOps> Send for Mirror<T> {}
-// SAFETY: As above; the table is behind a mutex and `T: Sync`.
-unsafe impl<T: MirrorOps> Sync for Mirror<T> {}
+unsafe impl Send for Mirror {}
+// SAFETY: As above; the rest is behind a mutex.
+unsafe impl Sync for Mirror {}
 
-impl<T: MirrorOps> Mirror<T> {
+impl Mirror {
     const OPS: bindings::mmu_interval_notifier_ops = bindings::mmu_interval_notifier_ops {
         invalidate: Some(Self::invalidate_callback),
         invalidate_start: None,
@@ -136,15 +103,15 @@ impl<T: MirrorOps> Mirror<T> {
 
     /// Mirrors `[start, start + length)` of `mm`. The notifier is live, and
     /// may be called, as soon as this initializer has run.
-    pub fn new(
-        mm: &MmWithUser,
-        start: usize,
-        length: usize,
-        ops: T,
-    ) -> impl PinInit<Self, Error> + use<'_, T> {
+    pub fn new(mm: &MmWithUser, start: usize, length: usize) -> impl PinInit<Self, Error> + '_ {
         try_pin_init!(Self {
-            ops,
-            table <- new_mutex!(DevicePageTable::new(), "Mirror::table"),
+            state <- new_mutex!(
+                pin_init!(MirrorState {
+                    table <- DevicePageTable::new(),
+                    own_run: Cell::new(None),
+                }),
+                "Mirror::state"
+            ),
             // Inserted last: once it is in the tree, the callback may run
             // and expects the other fields to be initialized.
             notifier <- Opaque::try_ffi_init(|slot: *mut bindings::mmu_interval_notifier| {
@@ -159,11 +126,6 @@ impl<T: MirrorOps> Mirror<T> {
                 })
             }),
         })
-    }
-
-    /// The ops given at creation.
-    pub fn ops(&self) -> &T {
-        &self.ops
     }
 
     /// The mirrored address space. The notifier holds an `mmgrab` reference.
@@ -191,11 +153,17 @@ impl<T: MirrorOps> Mirror<T> {
     }
 
     /// Takes the mirror's lock.
-    pub fn lock(&self) -> MirrorGuard<'_, T> {
+    pub fn lock(&self) -> MirrorGuard<'_> {
         MirrorGuard {
             mirror: self,
-            table: self.table.lock(),
+            state: self.state.lock(),
         }
+    }
+
+    /// The owner of the invalidations of this mirror's own migrations to
+    /// the device. It is the mirror's address: no pagemap has it.
+    pub(super) fn migration_owner(&self) -> Owner {
+        Owner::of_pinned(self)
     }
 
     pub(super) fn as_raw(&self) -> *mut bindings::mmu_interval_notifier {
@@ -204,13 +172,13 @@ impl<T: MirrorOps> Mirror<T> {
 
     /// # Safety
     ///
-    /// Called by the mm core with the `notifier` of a live `Mirror<T>`.
+    /// Called by the mm core with the `notifier` of a live `Mirror`.
     unsafe extern "C" fn invalidate_callback(
         notifier: *mut bindings::mmu_interval_notifier,
         range: *const bindings::mmu_notifier_range,
         cur_seq: c_ulong,
     ) -> bool {
-        // SAFETY: `notifier` is the `notifier` field of a `Mirror<T>` (only
+        // SAFETY: `notifier` is the `notifier` field of a `Mirror` (only
         // `new` inserts these ops), which outlives its insertion. Since it
         // is inserted last, all other fields are initialized.
         let this = unsafe {
@@ -221,25 +189,31 @@ impl<T: MirrorOps> Mirror<T> {
             range: unsafe { &*range },
         };
 
-        if this.ops.ignores(&invalidation) {
-            return true;
-        }
-        let table = if invalidation.is_blockable() {
-            this.table.lock()
+        let state = if invalidation.is_blockable() {
+            this.state.lock()
         } else {
-            match this.table.try_lock() {
-                Some(table) => table,
+            match this.state.try_lock() {
+                Some(state) => state,
                 None => return false,
             }
         };
+        // SAFETY: The notifier is inserted; its sequence is only written
+        // under the lock held here.
+        let before = unsafe { (*notifier).invalidate_seq };
         // SAFETY: Called from the invalidate callback of this notifier, with
         // the lock held that readers hold for `mmu_interval_read_retry`.
         unsafe { bindings::mmu_interval_set_seq(notifier, cur_seq) };
+        let own = invalidation.is_migration_by(this.migration_owner());
+        state.own_run.set(match state.own_run.get() {
+            Some((first, last)) if own && last == before => Some((first, cur_seq)),
+            _ if own => Some((before, cur_seq)),
+            _ => None,
+        });
         // Exactly the pages of `[start, end)`. (`lib/test_hmm.c` drops the
         // page at `end` too; that would drop a device page next to one that
         // a CPU fault migrates back, which nothing maps again.)
         if invalidation.end() > invalidation.start() {
-            table.erase(
+            state.table.erase(
                 invalidation.start() >> PAGE_SHIFT,
                 (invalidation.end() - 1) >> PAGE_SHIFT,
             );
@@ -249,7 +223,7 @@ impl<T: MirrorOps> Mirror<T> {
 }
 
 #[pinned_drop]
-impl<T: MirrorOps> PinnedDrop for Mirror<T> {
+impl PinnedDrop for Mirror {
     fn drop(self: Pin<&mut Self>) {
         // SAFETY: By the type invariant the notifier is inserted. Removal
         // waits for running callbacks, so none can see the fields dropped
@@ -260,12 +234,12 @@ impl<T: MirrorOps> PinnedDrop for Mirror<T> {
 
 /// The lock of a [`Mirror`], held: access to its device page table, and
 /// to the sequence check that makes a read of the address space valid.
-pub struct MirrorGuard<'a, T: MirrorOps> {
-    mirror: &'a Mirror<T>,
-    table: Guard<'a, DevicePageTable, MutexBackend>,
+pub struct MirrorGuard<'a> {
+    mirror: &'a Mirror,
+    state: Guard<'a, MirrorState, MutexBackend>,
 }
 
-impl<T: MirrorOps> MirrorGuard<'_, T> {
+impl MirrorGuard<'_> {
     /// Whether an invalidation hit the mirror since `seq` was taken: if so,
     /// what was read under that sequence is stale.
     pub fn has_changed(&self, seq: Seq) -> bool {
@@ -274,8 +248,20 @@ impl<T: MirrorOps> MirrorGuard<'_, T> {
         unsafe { bindings::mmu_interval_read_retry(self.mirror.as_raw(), seq.0) }
     }
 
+    /// Whether the only invalidations since `seq` were by this mirror's own
+    /// migrations to the device (or there were none).
+    pub(super) fn only_own_migrations_since(&self, seq: Seq) -> bool {
+        if !self.has_changed(seq) {
+            return true;
+        }
+        // SAFETY: As in `has_changed`: the sequence is only written under
+        // the lock held here.
+        let now = unsafe { (*self.mirror.as_raw()).invalidate_seq };
+        self.state.own_run.get() == Some((seq.0, now))
+    }
+
     /// The mirror this lock belongs to.
-    pub fn mirror(&self) -> &Mirror<T> {
+    pub fn mirror(&self) -> &Mirror {
         self.mirror
     }
 
@@ -292,14 +278,14 @@ impl<T: MirrorOps> MirrorGuard<'_, T> {
         access: super::MirroredAccess,
     ) -> Result {
         let page = core::ptr::NonNull::new(page).ok_or(EFAULT)?;
-        self.table.store_page(index, page, access)
+        self.state.table.store_page(index, page, access)
     }
 }
 
-impl<T: MirrorOps> Deref for MirrorGuard<'_, T> {
+impl Deref for MirrorGuard<'_> {
     type Target = DevicePageTable;
 
     fn deref(&self) -> &DevicePageTable {
-        &self.table
+        &self.state.table
     }
 }

@@ -35,10 +35,10 @@ mod range;
 
 pub use exclusive::ExclusivePage;
 pub use migrate::{
-    Collected, Destination, Migrated, Migration, Select, Source, SystemPage, SystemPageRef,
+    Collected, Destination, Migrated, Migration, Source, SystemPage, SystemPageRef,
     MAX_MIGRATE_PAGES,
 };
-pub use mirror::{Event, Invalidation, Mirror, MirrorGuard, MirrorOps, Seq};
+pub use mirror::{Mirror, MirrorGuard, Seq};
 pub use mmap_lock::MmapReadGuard;
 pub use page_table::{DevicePageTable, MirroredAccess};
 pub use pagemap::{

@@ -30,6 +30,11 @@ pub enum MirroredAccess {
     Write = 3,
 }
 
+/// The XArray mark (`XA_MARK_0`) of exclusive-access entries: erasing a
+/// range finds the page references to give back without visiting every
+/// entry.
+const EXCLUSIVE_MARK: bindings::xa_mark_t = 0;
+
 /// A device page table: page frame index (virtual address >> `PAGE_SHIFT`)
 /// to the `struct page` mapped there and the device's access to it.
 ///
@@ -48,7 +53,7 @@ pub enum MirroredAccess {
 ///   allocated), and the owning mirror erases them when the CPU mapping is
 ///   invalidated, under the lock that guards the table.
 /// - An entry tagged [`MirroredAccess::Atomic`] owns a reference to its
-///   page.
+///   page, and is the only kind that carries [`EXCLUSIVE_MARK`].
 #[pin_data(PinnedDrop)]
 pub struct DevicePageTable {
     #[pin]
@@ -130,9 +135,24 @@ impl DevicePageTable {
         let old = unsafe { bindings::xa_store(self.xa.get(), index, entry, bindings::GFP_ATOMIC) };
         // SAFETY: `xa_err` only decodes the entry.
         kernel::error::to_result(unsafe { bindings::xa_err(old) })?;
+        // Marks outlive a store over an entry; keep them on `Atomic` only.
+        if access == MirroredAccess::Atomic {
+            // SAFETY: `self.xa` is initialized and has an entry at `index`.
+            unsafe { bindings::xa_set_mark(self.xa.get(), index, EXCLUSIVE_MARK) };
+        } else if Self::is_exclusive(old) {
+            // SAFETY: As above.
+            unsafe { bindings::xa_clear_mark(self.xa.get(), index, EXCLUSIVE_MARK) };
+        }
         // SAFETY: `old` was an entry of the table, and is one no more.
         unsafe { Self::release(old) };
         Ok(())
+    }
+
+    /// Whether `entry` (or null) is tagged [`MirroredAccess::Atomic`].
+    fn is_exclusive(entry: *mut c_void) -> bool {
+        // SAFETY: Reading the tag only looks at the low bits of the entry.
+        !entry.is_null()
+            && unsafe { bindings::xa_pointer_tag(entry) } == MirroredAccess::Atomic as u32
     }
 
     /// Drops what a removed entry owned: the page reference of an `Atomic`
@@ -142,10 +162,7 @@ impl DevicePageTable {
     ///
     /// `entry` was an entry of the table (or null), and no longer is.
     unsafe fn release(entry: *mut c_void) {
-        // SAFETY: Reading the tag only looks at the low bits of the entry.
-        if entry.is_null()
-            || unsafe { bindings::xa_pointer_tag(entry) } != MirroredAccess::Atomic as u32
-        {
+        if !Self::is_exclusive(entry) {
             return;
         }
         // SAFETY: By the type invariant an `Atomic` entry owns a reference
@@ -208,65 +225,77 @@ impl DevicePageTable {
         }
     }
 
-    /// Whether any page in `first..=last` is mapped with `access`. Visits
-    /// present entries only, so a huge span costs what the table holds.
-    pub fn any_with_access(&self, first: usize, last: usize, access: MirroredAccess) -> bool {
+    /// Whether the device has exclusive access to any page in
+    /// `first..=last`. Only marked entries are visited, so a huge span
+    /// costs what the table holds of them.
+    pub fn any_exclusive(&self, first: usize, last: usize) -> bool {
         let mut found = false;
-        self.for_each_present(first, last, |_, entry| {
-            // SAFETY: Reading the tag only looks at the low bits of the entry.
-            found = unsafe { bindings::xa_pointer_tag(entry) } == access as u32;
-            !found
+        self.for_each_marked(first, last, EXCLUSIVE_MARK, |_, _| {
+            found = true;
+            false
         });
         found
     }
 
-    /// Calls `f(index, entry)` for the present entries in `first..=last`,
-    /// in index order, while it returns `true`.
-    fn for_each_present(
+    /// Calls `f(index, entry)` for the entries in `first..=last` that carry
+    /// `mark`, in index order, while it returns `true`.
+    fn for_each_marked(
         &self,
         first: usize,
         last: usize,
+        mark: bindings::xa_mark_t,
         mut f: impl FnMut(usize, *mut c_void) -> bool,
     ) {
         let mut index = first as c_ulong;
         // SAFETY: `self.xa` is initialized; `xa_find` takes the RCU read lock.
-        let mut entry = unsafe {
-            bindings::xa_find(
-                self.xa.get(),
-                &mut index,
-                last as c_ulong,
-                bindings::XA_PRESENT,
-            )
-        };
+        let mut entry =
+            unsafe { bindings::xa_find(self.xa.get(), &mut index, last as c_ulong, mark) };
         while !entry.is_null() && f(index as usize, entry) {
             // SAFETY: As above.
             entry = unsafe {
-                bindings::xa_find_after(
-                    self.xa.get(),
-                    &mut index,
-                    last as c_ulong,
-                    bindings::XA_PRESENT,
-                )
+                bindings::xa_find_after(self.xa.get(), &mut index, last as c_ulong, mark)
             };
         }
     }
 
     /// Erases the entries for indices `first..=last`.
+    ///
+    /// This runs in every invalidation that hits the mirror, over as many
+    /// pages as it covers: the exclusive entries give their reference back
+    /// one by one, the rest go in one walk under one XArray lock.
     pub(super) fn erase(&self, first: usize, last: usize) {
-        self.for_each_present(first, last, |index, _| {
+        self.for_each_marked(first, last, EXCLUSIVE_MARK, |index, _| {
             // SAFETY: `self.xa` is initialized.
             let old = unsafe { bindings::xa_erase(self.xa.get(), index) };
             // SAFETY: `old` was an entry of the table, and is one no more.
             unsafe { Self::release(old) };
             true
         });
+        // SAFETY: `self.xa` is initialized. Storing null never allocates;
+        // what is left in the range owns nothing.
+        unsafe {
+            bindings::xa_store_range(
+                self.xa.get(),
+                first as c_ulong,
+                last as c_ulong,
+                core::ptr::null_mut(),
+                bindings::GFP_ATOMIC,
+            )
+        };
     }
 }
 
 #[pinned_drop]
 impl PinnedDrop for DevicePageTable {
     fn drop(self: Pin<&mut Self>) {
-        self.erase(0, usize::MAX);
+        // Only the exclusive entries own something; `xa_destroy` frees the
+        // rest. (Not `erase`: a range up to `usize::MAX` would wrap the
+        // index in `xa_store_range`.)
+        self.for_each_marked(0, usize::MAX, EXCLUSIVE_MARK, |_, entry| {
+            // SAFETY: The table is going away: no entry outlives this.
+            unsafe { Self::release(entry) };
+            true
+        });
         // SAFETY: `self.xa` is initialized and no longer used after this.
         unsafe { bindings::xa_destroy(self.xa.get()) };
     }

@@ -2,7 +2,7 @@
 
 //! `hmm_range_fault()` over a window of a [`Mirror`].
 
-use super::{mirror::Seq, DevicePageTable, Mirror, MirrorGuard, MirrorOps, MmapReadGuard, Owner};
+use super::{mirror::Seq, DevicePageTable, Mirror, MirrorGuard, MmapReadGuard, Owner};
 use core::{marker::PhantomData, ptr::NonNull};
 use kernel::{
     bindings,
@@ -45,8 +45,8 @@ impl Request {
 /// [`fault_unlockable`](Self::fault_unlockable), drop the mmap lock, then
 /// [`lock_if_valid`](Self::lock_if_valid); any `EBUSY` or `None` on the way
 /// means: start a new attempt.
-pub struct HmmRange<'m, T: MirrorOps, const N: usize> {
-    mirror: &'m Mirror<T>,
+pub struct HmmRange<'m, const N: usize> {
+    mirror: &'m Mirror,
     start: usize,
     end: usize,
     request: Request,
@@ -60,11 +60,11 @@ pub struct HmmRange<'m, T: MirrorOps, const N: usize> {
     done: usize,
 }
 
-impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
+impl<'m, const N: usize> HmmRange<'m, N> {
     /// A range over `mirror` that asks `request` of every page. Device
     /// private pages of `owner` are reported as they are rather than
     /// faulted back to system memory.
-    pub fn new(mirror: &'m Mirror<T>, request: Request, owner: Option<Owner>) -> Self {
+    pub fn new(mirror: &'m Mirror, request: Request, owner: Option<Owner>) -> Self {
         Self {
             mirror,
             start: 0,
@@ -238,7 +238,7 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
 
     /// Takes the mirror's lock and returns the result of the attempt with
     /// it, unless an invalidation hit the mirror since [`begin`](Self::begin).
-    pub fn lock_if_valid(&self) -> Option<LockedRange<'_, 'm, T, N>> {
+    pub fn lock_if_valid(&self) -> Option<LockedRange<'_, 'm, N>> {
         let seq = self.seq?;
         let guard = self.mirror.lock();
         if guard.has_changed(seq) {
@@ -250,12 +250,12 @@ impl<'m, T: MirrorOps, const N: usize> HmmRange<'m, T, N> {
 
 /// The output of a successful attempt, with the mirror's lock that keeps
 /// it valid.
-pub struct LockedRange<'r, 'm, T: MirrorOps, const N: usize> {
-    range: &'r HmmRange<'m, T, N>,
-    guard: MirrorGuard<'m, T>,
+pub struct LockedRange<'r, 'm, const N: usize> {
+    range: &'r HmmRange<'m, N>,
+    guard: MirrorGuard<'m>,
 }
 
-impl<T: MirrorOps, const N: usize> LockedRange<'_, '_, T, N> {
+impl<const N: usize> LockedRange<'_, '_, N> {
     /// The mirror's device page table.
     pub fn table(&self) -> &DevicePageTable {
         &self.guard
@@ -272,12 +272,42 @@ impl<T: MirrorOps, const N: usize> LockedRange<'_, '_, T, N> {
                 (
                     first + i,
                     ValidPfn {
-                        raw,
+                        raw: huge_entry_at(raw, first + i),
                         _lock: PhantomData,
                     },
                 )
             })
     }
+}
+
+/// The output entry `raw` for the page at `index` (virtual address >>
+/// `PAGE_SHIFT`), with the pfn of that very page.
+///
+/// 7.3's `hmm_vma_handle_absent_pmd()` fills a device-private PMD from the
+/// folio's first page whatever the range's start, so a window that starts
+/// inside the PMD gets every pfn shifted back. A huge mapping starts at an
+/// address aligned to its size, so the page at `index` is the page
+/// `index % size` of the folio. Entries that already agree (all correct
+/// ones, as physically aligned folios) cost one comparison.
+fn huge_entry_at(raw: c_ulong, index: usize) -> c_ulong {
+    let order = (raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f;
+    let mask: c_ulong = (1 << order) - 1;
+    let pfn = raw & !bindings::hmm_pfn_flags_HMM_PFN_FLAGS;
+    if order == 0
+        || raw & bindings::hmm_pfn_flags_HMM_PFN_VALID == 0
+        || (pfn ^ index as c_ulong) & mask == 0
+    {
+        return raw;
+    }
+    // SAFETY: A valid entry names a page mapped, so allocated, while the
+    // mirror's lock is held (the caller's); its folio is the huge mapping's.
+    let page = unsafe {
+        let folio = bindings::page_folio(bindings::pfn_to_page(pfn));
+        bindings::folio_page(folio, (index as c_ulong & mask) as usize)
+    };
+    // SAFETY: As above.
+    let pfn = unsafe { bindings::page_to_pfn(page) };
+    (raw & bindings::hmm_pfn_flags_HMM_PFN_FLAGS) | pfn
 }
 
 /// What kind of page a valid pfn refers to.
