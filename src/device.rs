@@ -16,6 +16,14 @@ pub(crate) const MAX_DEVICES: usize = 4;
 /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next device page allocation fails.
 pub(crate) const FLAG_FAIL_ALLOC: u64 = crate::uapi::HMM_DMIRROR_FLAG_FAIL_ALLOC;
 
+/// Consumes a pending `FLAG_FAIL_ALLOC` in `flags`: whether this
+/// allocation is to fail. Asked once per page, so it reads before it
+/// writes.
+pub(crate) fn take_fail_alloc(flags: &AtomicU64) -> bool {
+    flags.load(Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0
+        && flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0
+}
+
 /// The kind of device memory a device has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DeviceKind {
@@ -131,9 +139,7 @@ pub(crate) fn copy_to_system(migration: &mut Collected<'_>, flags: Option<&Atomi
         let Source::Device(device) = migration.source(index) else {
             continue;
         };
-        let failed = flags.is_some_and(|flags| {
-            flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0
-        });
+        let failed = flags.is_some_and(take_fail_alloc);
         if failed && !compound {
             return Err(ENOMEM);
         }
@@ -142,26 +148,25 @@ pub(crate) fn copy_to_system(migration: &mut Collected<'_>, flags: Option<&Atomi
         } else {
             None
         };
-        let pages = match large {
+        // One page or folio, the common case, without a vector: `device`
+        // borrows `migration` only until the copy.
+        let single = match large {
             Some(mut folio) => {
                 folio.copy_from_device(&device);
-                let mut pages = KVec::new();
-                pages.push(folio, GFP_KERNEL)?;
-                pages
+                Some(folio)
             }
-            None => {
-                let nr = if compound {
-                    FOLIO_PAGES.min(migration.len() - index)
-                } else {
-                    1
-                };
-                let mut pages = KVec::with_capacity(nr, GFP_KERNEL)?;
-                for i in 0..nr {
-                    pages.push(SystemPage::alloc_copy_of(&device, i)?, GFP_KERNEL)?;
-                }
-                pages
-            }
+            None if !compound => Some(SystemPage::alloc_copy_of(&device, 0)?),
+            None => None,
         };
+        if let Some(page) = single {
+            migration.set_destination(index, Destination::System(page), writable)?;
+            continue;
+        }
+        let nr = FOLIO_PAGES.min(migration.len() - index);
+        let mut pages = KVec::with_capacity(nr, GFP_KERNEL)?;
+        for i in 0..nr {
+            pages.push(SystemPage::alloc_copy_of(&device, i)?, GFP_KERNEL)?;
+        }
         for (i, page) in pages.into_iter().enumerate() {
             migration.set_destination(index + i, Destination::System(page), writable)?;
         }

@@ -4,7 +4,7 @@
 //! space, and the ioctls that read and write through it.
 
 use crate::{
-    device::{copy_to_system, Device, FLAG_FAIL_ALLOC},
+    device::{copy_to_system, take_fail_alloc, Device},
     hmm::{
         self, Collected, Deadline, Destination, DevicePageTable, DevicePool, ExclusivePage,
         HmmRange, Migration, Mirror, MmapReadGuard, Owner, PageKind, Request, Source, ValidPfn,
@@ -365,8 +365,7 @@ impl DmirrorFile {
             Source::System(page) => Some(page),
             _ => return Ok(()),
         };
-        let failed =
-            self.flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::Relaxed) & FLAG_FAIL_ALLOC != 0;
+        let failed = take_fail_alloc(&self.flags);
         let first = if failed {
             None
         } else if compound {
@@ -375,11 +374,11 @@ impl DmirrorFile {
             pool.alloc_page().ok()
         };
         let pages = match first {
+            // The common case, without a vector: `src` borrows `migration`
+            // only until the copy.
             Some(mut page) => {
                 page.copy_from_system(src.as_ref());
-                let mut pages = KVec::new();
-                pages.push(page, GFP_KERNEL)?;
-                pages
+                return migration.set_destination(index, Destination::Device(page), writable);
             }
             None if !compound => return Ok(()),
             None => {

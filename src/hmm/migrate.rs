@@ -596,18 +596,23 @@ impl Migrated<'_> {
             } else {
                 MirroredAccess::Read
             };
-            let nr = if dst & PFN_COMPOUND != 0 {
-                1usize << FOLIO_ORDER
+            let pages = if dst & PFN_COMPOUND != 0 {
+                (1usize << FOLIO_ORDER).min(self.raw.len() - index)
             } else {
                 1
             };
-            for i in 0..nr.min(self.raw.len() - index) {
+            for i in 0..pages {
+                // The first page's needs no folio arithmetic.
+                let backing = match i {
+                    0 => device.backing(),
+                    _ => device.backing_after(i),
+                };
                 // SAFETY: The backing pages live as long as the device
                 // folio, which finalize maps (its migration succeeded and
                 // only this mirror's own migrations, which cannot touch a
                 // page this one holds, invalidated it since `seq`); they
                 // are erased from the table with that mapping.
-                unsafe { guard.store_raw(first + index + i, device.backing_after(i), access) }?;
+                unsafe { guard.store_raw(first + index + i, backing, access) }?;
             }
         }
         Ok(true)
