@@ -53,6 +53,17 @@ fn buffer(size: usize) -> io::Result<Mapping> {
     Ok(buf)
 }
 
+/// CHECK_EXCLUSIVE over the whole of `buf`: `EPERM` while the device
+/// still has exclusive access to a page of it.
+fn check_exclusive(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+    d.cmd(
+        HMM_DMIRROR_CHECK_EXCLUSIVE,
+        buf.addr(),
+        out.addr(),
+        npages(buf.len()),
+    )
+}
+
 fn migrate_to_dev(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
     d.cmd(
         HMM_DMIRROR_MIGRATE_TO_DEV,
@@ -317,12 +328,7 @@ fn exclusive() -> TestResult {
         i as u32
     })?;
     expect_errno(
-        d.cmd(
-            HMM_DMIRROR_CHECK_EXCLUSIVE,
-            buf.addr(),
-            out.addr(),
-            npages(SIZE),
-        ),
+        check_exclusive(&d, &buf, &out),
         libc::EPERM,
         "still exclusive",
     )?;
@@ -330,12 +336,7 @@ fn exclusive() -> TestResult {
         *w = w.wrapping_add(1);
     }
     check_each("CPU write after exclusive", buf.words(), |i| i as u32 + 1)?;
-    d.cmd(
-        HMM_DMIRROR_CHECK_EXCLUSIVE,
-        buf.addr(),
-        out.addr(),
-        npages(SIZE),
-    )?;
+    check_exclusive(&d, &buf, &out)?;
     Ok(())
 }
 
@@ -352,12 +353,7 @@ fn exclusive_mprotect() -> TestResult {
         libc::EPERM,
         "device write to a read-only range",
     )?;
-    d.cmd(
-        HMM_DMIRROR_CHECK_EXCLUSIVE,
-        buf.addr(),
-        out.addr(),
-        npages(SIZE),
-    )?;
+    check_exclusive(&d, &buf, &out)?;
     Ok(())
 }
 
@@ -384,12 +380,7 @@ fn exclusive_fork() -> TestResult {
         *w = w.wrapping_add(1);
     }
     check_each("parent's data", buf.words(), |i| i as u32 + 1)?;
-    d.cmd(
-        HMM_DMIRROR_CHECK_EXCLUSIVE,
-        buf.addr(),
-        out.addr(),
-        npages(SIZE),
-    )?;
+    check_exclusive(&d, &buf, &out)?;
     Ok(())
 }
 
