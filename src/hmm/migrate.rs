@@ -580,17 +580,11 @@ impl Migrated<'_> {
             if src & PFN_MIGRATE == 0 {
                 continue;
             }
-            // SAFETY: Decoding a `migrate_pfn` entry.
-            let page = unsafe { bindings::migrate_pfn_to_page(dst) };
-            let Some(page) = NonNull::new(page) else {
-                continue;
-            };
             // SAFETY: The migration owns a reference to its destinations
-            // until finalize.
-            let Some(pagemap) = (unsafe { Pagemap::of_page(page.as_ptr()) }) else {
+            // until finalize, which needs `self`.
+            let Some(device) = (unsafe { device_page(dst) }) else {
                 continue;
             };
-            let device = DevicePageRef { page, pagemap };
             let access = if dst & PFN_WRITE != 0 {
                 MirroredAccess::Write
             } else {
@@ -621,6 +615,22 @@ impl Migrated<'_> {
     /// Finalizes the migration (`migrate_vma_finalize()`): maps the moved
     /// pages, and the others back.
     pub fn finalize(self) {}
+}
+
+/// The page of a [`Pagemap`] that the `migrate_pfn` entry `entry` names,
+/// if it names one.
+///
+/// # Safety
+///
+/// The page of `entry`, if any, stays referenced for `'a`.
+unsafe fn device_page<'a>(entry: c_ulong) -> Option<DevicePageRef<'a>> {
+    // SAFETY: Decoding a `migrate_pfn` entry.
+    let page = NonNull::new(unsafe { bindings::migrate_pfn_to_page(entry) })?;
+    // SAFETY: The caller keeps the page referenced for `'a`.
+    let pagemap = unsafe { Pagemap::of_page(page.as_ptr()) }?;
+    // INVARIANT: A page a migration holds is allocated, so it has a
+    // backing page; both stay valid while it is referenced.
+    Some(DevicePageRef { page, pagemap })
 }
 
 /// Migrates the in-use pages of `[first_pfn, first_pfn + npages)`, device
@@ -655,16 +665,11 @@ fn evict_batch(first_pfn: usize, npages: usize) {
         if entry & PFN_MIGRATE == 0 {
             continue;
         }
-        // SAFETY: Decoding a `migrate_pfn` entry.
-        let page = unsafe { bindings::migrate_pfn_to_page(entry) };
-        let Some(page) = NonNull::new(page) else {
+        // SAFETY: The migration holds a reference to the page until
+        // `migrate_device_finalize` below.
+        let Some(device) = (unsafe { device_page(entry) }) else {
             continue;
         };
-        // SAFETY: The migration holds a reference to the page.
-        let Some(pagemap) = (unsafe { Pagemap::of_page(page.as_ptr()) }) else {
-            continue;
-        };
-        let device = DevicePageRef { page, pagemap };
         let new = if entry & PFN_COMPOUND != 0 {
             // A large folio moves whole or not at all; if there is no
             // large page now, the caller evicts again later.
