@@ -230,22 +230,23 @@ impl DevicePageTable {
     /// costs what the table holds of them.
     pub fn any_exclusive(&self, first: usize, last: usize) -> bool {
         let mut found = false;
-        self.for_each_marked(first, last, EXCLUSIVE_MARK, |_, _| {
+        self.for_each_exclusive(first, last, |_, _| {
             found = true;
             false
         });
         found
     }
 
-    /// Calls `f(index, entry)` for the entries in `first..=last` that carry
-    /// `mark`, in index order, while it returns `true`.
-    fn for_each_marked(
+    /// Calls `f(index, entry)` for the exclusive entries in `first..=last`
+    /// (those with [`EXCLUSIVE_MARK`]), in index order, while it returns
+    /// `true`.
+    fn for_each_exclusive(
         &self,
         first: usize,
         last: usize,
-        mark: bindings::xa_mark_t,
         mut f: impl FnMut(usize, *mut c_void) -> bool,
     ) {
+        let mark = EXCLUSIVE_MARK;
         let mut index = first as c_ulong;
         // SAFETY: `self.xa` is initialized; `xa_find` takes the RCU read lock.
         let mut entry =
@@ -264,7 +265,7 @@ impl DevicePageTable {
     /// pages as it covers: the exclusive entries give their reference back
     /// one by one, the rest go in one walk under one XArray lock.
     pub(super) fn erase(&self, first: usize, last: usize) {
-        self.for_each_marked(first, last, EXCLUSIVE_MARK, |index, _| {
+        self.for_each_exclusive(first, last, |index, _| {
             // SAFETY: `self.xa` is initialized.
             let old = unsafe { bindings::xa_erase(self.xa.get(), index) };
             // SAFETY: `old` was an entry of the table, and is one no more.
@@ -291,7 +292,7 @@ impl PinnedDrop for DevicePageTable {
         // Only the exclusive entries own something; `xa_destroy` frees the
         // rest. (Not `erase`: a range up to `usize::MAX` would wrap the
         // index in `xa_store_range`.)
-        self.for_each_marked(0, usize::MAX, EXCLUSIVE_MARK, |_, entry| {
+        self.for_each_exclusive(0, usize::MAX, |_, entry| {
             // SAFETY: The table is going away: no entry outlives this.
             unsafe { Self::release(entry) };
             true
