@@ -12,7 +12,10 @@ use crate::{
     },
     uapi::*,
 };
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::{
+    ops::Range,
+    sync::atomic::{AtomicU64, Ordering},
+};
 use kernel::{
     alloc::{flags::__GFP_NOWARN, VVec},
     fs::File,
@@ -167,8 +170,8 @@ impl DmirrorFile {
     /// user buffer, faulting in what it does not map yet.
     fn read(&self, cmd: &mut HmmDmirrorCmd, span: &Span, mode: LockMode) -> Result {
         let mut bounce = bounce_buffer(span)?;
-        cmd.faults = self.for_each_page(span, Request::Read, mode, |table, index| {
-            table.read_page(index, &mut bounce)
+        cmd.faults = self.for_each_page(span, Request::Read, mode, |table, indices| {
+            table.read_pages(indices, &mut bounce)
         })?;
         copy_out(cmd, span, &bounce)
     }
@@ -182,37 +185,35 @@ impl DmirrorFile {
             .read_all(&mut bounce, GFP_KERNEL)?;
         let (pages, _) = bounce.as_chunks::<PAGE_SIZE>();
         let first = span.start >> PAGE_SHIFT;
-        cmd.faults = self.for_each_page(span, Request::Write, LockMode::Held, |table, index| {
-            Ok(table.write_page(index, &pages[index - first]))
-        })?;
+        let write = |table: &DevicePageTable, indices: Range<usize>| {
+            let src = &pages[indices.start - first..];
+            Ok(table.write_pages(indices, src))
+        };
+        cmd.faults = self.for_each_page(span, Request::Write, LockMode::Held, write)?;
         cmd.cpages = span.pages();
         Ok(())
     }
 
     /// Runs `access` on the pages of `span` in order, under the mirror's
-    /// lock. Where it finds no mapping it can use (returns `false`), faults
-    /// the rest of the span in with `request` and goes on from there.
-    /// Returns the number of fault rounds, C's `faults`.
+    /// lock. `access` gets the indices left and returns how many it could
+    /// use; the rest of the span is faulted in with `request` and it goes
+    /// on from there. Returns the number of fault rounds, C's `faults`.
     fn for_each_page(
         &self,
         span: &Span,
         request: Request,
         mode: LockMode,
-        mut access: impl FnMut(&DevicePageTable, usize) -> Result<bool>,
+        mut access: impl FnMut(&DevicePageTable, Range<usize>) -> Result<usize>,
     ) -> Result<u64> {
         let mut faults = 0;
-        let mut addr = span.start;
+        let end = span.end >> PAGE_SHIFT;
+        let mut index = span.start >> PAGE_SHIFT;
         loop {
-            {
-                let table = self.mirror.lock();
-                while addr < span.end && access(&table, addr >> PAGE_SHIFT)? {
-                    addr += PAGE_SIZE;
-                }
-            }
-            if addr == span.end {
+            index += access(&self.mirror.lock(), index..end)?;
+            if index == end {
                 return Ok(faults);
             }
-            self.fault(addr, span.end, request, mode)?;
+            self.fault(index << PAGE_SHIFT, span.end, request, mode)?;
             faults += 1;
         }
     }
@@ -319,13 +320,10 @@ impl DmirrorFile {
     /// after a migration).
     fn read_mapped(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
         let mut bounce = bounce_buffer(span)?;
-        {
-            let table = self.mirror.lock();
-            for index in (span.start >> PAGE_SHIFT)..(span.end >> PAGE_SHIFT) {
-                if !table.read_page(index, &mut bounce)? {
-                    return Err(ENOENT);
-                }
-            }
+        let indices = (span.start >> PAGE_SHIFT)..(span.end >> PAGE_SHIFT);
+        let pages = indices.len();
+        if self.mirror.lock().read_pages(indices, &mut bounce)? != pages {
+            return Err(ENOENT);
         }
         copy_out(cmd, span, &bounce)
     }

@@ -7,7 +7,7 @@ use super::{
     pagemap::{DevicePageRef, Pagemap},
     ValidPfn,
 };
-use core::ptr::NonNull;
+use core::{ops::Range, ptr::NonNull};
 use kernel::{
     alloc::{Allocator, Vec},
     bindings,
@@ -34,6 +34,10 @@ pub enum MirroredAccess {
 /// range finds the page references to give back without visiting every
 /// entry.
 const EXCLUSIVE_MARK: bindings::xa_mark_t = 0;
+
+/// Entries that [`DevicePageTable::read_pages`] and
+/// [`DevicePageTable::write_pages`] fetch per XArray walk.
+const BATCH: usize = 64;
 
 /// A device page table: page frame index (virtual address >> `PAGE_SHIFT`)
 /// to the `struct page` mapped there and the device's access to it.
@@ -77,7 +81,11 @@ impl DevicePageTable {
 
     fn load(&self, index: usize) -> Option<(NonNull<bindings::page>, MirroredAccess)> {
         // SAFETY: `self.xa` is initialized; `xa_load` takes the RCU read lock.
-        let entry = unsafe { bindings::xa_load(self.xa.get(), index) };
+        Self::decode(unsafe { bindings::xa_load(self.xa.get(), index) })
+    }
+
+    /// The page and access of an entry; `None` for no entry.
+    fn decode(entry: *mut c_void) -> Option<(NonNull<bindings::page>, MirroredAccess)> {
         // SAFETY: Untagging only masks the low bits of the entry.
         let page = NonNull::new(unsafe { bindings::xa_untag_pointer(entry) }.cast())?;
         // SAFETY: Reading the tag only looks at the low bits of the entry.
@@ -87,6 +95,55 @@ impl DevicePageTable {
             _ => MirroredAccess::Write,
         };
         Some((page, access))
+    }
+
+    /// Calls `f(page, access)` for the entries at `indices`, in order, as
+    /// long as there is one and `f` returns `true`. Returns how many it
+    /// called `f` for and that returned `true`.
+    ///
+    /// The entries come [`BATCH`] at a time from one `xa_extract()`, one
+    /// RCU section and one descent of the tree, instead of an `xa_load()`
+    /// each: that is most of the cost of reading a mirrored page.
+    fn for_each_mapped(
+        &self,
+        indices: Range<usize>,
+        mut f: impl FnMut(NonNull<bindings::page>, MirroredAccess) -> bool,
+    ) -> usize {
+        let mut index = indices.start;
+        let mut entries = [core::ptr::null_mut(); BATCH];
+        while index < indices.end {
+            let n = BATCH.min(indices.end - index);
+            // SAFETY: `self.xa` is initialized, `xa_extract` takes the RCU
+            // read lock; `entries` has room for `n` entries.
+            let found = unsafe {
+                bindings::xa_extract(
+                    self.xa.get(),
+                    entries.as_mut_ptr(),
+                    index as c_ulong,
+                    (index + n - 1) as c_ulong,
+                    n as u32,
+                    bindings::XA_PRESENT,
+                )
+            } as usize;
+            // Entries are copied without their indices: only a full batch
+            // tells that every index has one. Else look them up one by one
+            // to stop at the first hole.
+            let batch = index..index + n;
+            let entry = |i: usize| {
+                if found == n {
+                    Self::decode(entries[i - batch.start])
+                } else {
+                    self.load(i)
+                }
+            };
+            for i in batch.clone() {
+                match entry(i) {
+                    Some((page, access)) if f(page, access) => index += 1,
+                    _ => return index - indices.start,
+                }
+            }
+        }
+        index - indices.start
     }
 
     /// The device's access to the page at `index`, if it maps one.
@@ -186,43 +243,51 @@ impl DevicePageTable {
         stored
     }
 
-    /// Appends a copy of the page at `index` to `dst`, which must have
-    /// room for it: this runs under the mirror's lock, which reclaim may
-    /// need, so it does not allocate. Returns `false`, and leaves `dst`
-    /// alone, if the device maps no page there.
-    pub fn read_page<A: Allocator>(&self, index: usize, dst: &mut Vec<u8, A>) -> Result<bool> {
-        let Some((page, _)) = self.load(index) else {
-            return Ok(false);
-        };
-        let spare = dst.spare_capacity_mut();
-        if spare.len() < PAGE_SIZE {
+    /// Appends a copy of the pages at `indices` to `dst`, in order, up to
+    /// the first the device does not map; returns how many it copied.
+    /// `dst` must have room for them all: this runs under the mirror's
+    /// lock, which reclaim may need, so it does not allocate.
+    pub fn read_pages<A: Allocator>(
+        &self,
+        indices: Range<usize>,
+        dst: &mut Vec<u8, A>,
+    ) -> Result<usize> {
+        if dst.spare_capacity_mut().len() < indices.len() * PAGE_SIZE {
             return Err(ENOMEM);
         }
-        // SAFETY: By the type invariant `page` is allocated while it is in
-        // the table, and the caller's borrow of the table holds the lock
-        // that erasing takes. `spare` has room for `PAGE_SIZE` bytes.
-        unsafe {
-            bindings::memcpy_from_page(spare.as_mut_ptr().cast(), page.as_ptr(), 0, PAGE_SIZE)
-        };
-        // SAFETY: The `PAGE_SIZE` bytes past the old length were just written.
-        unsafe { dst.inc_len(PAGE_SIZE) };
-        Ok(true)
+        Ok(self.for_each_mapped(indices, |page, _| {
+            let spare = dst.spare_capacity_mut();
+            // SAFETY: By the type invariant `page` is allocated while it is
+            // in the table, and the caller's borrow of the table holds the
+            // lock that erasing takes. `spare` has room for `PAGE_SIZE`
+            // bytes, checked above for every page.
+            unsafe {
+                bindings::memcpy_from_page(spare.as_mut_ptr().cast(), page.as_ptr(), 0, PAGE_SIZE)
+            };
+            // SAFETY: The `PAGE_SIZE` bytes past the old length were just
+            // written.
+            unsafe { dst.inc_len(PAGE_SIZE) };
+            true
+        }))
     }
 
-    /// Copies `src` (one page) into the page at `index`. Returns `false` if
-    /// the device maps no page there, or maps it without write access.
-    pub fn write_page(&self, index: usize, src: &[u8; PAGE_SIZE]) -> bool {
-        match self.load(index) {
-            Some((page, MirroredAccess::Write)) => {
-                // SAFETY: As in `read_page`, `page` is allocated; `src` is
-                // one page long.
-                unsafe {
-                    bindings::memcpy_to_page(page.as_ptr(), 0, src.as_ptr().cast(), PAGE_SIZE)
-                };
-                true
+    /// Copies `src`, one page per index, into the pages at `indices`, in
+    /// order, up to the first the device does not map writable; returns
+    /// how many it wrote.
+    pub fn write_pages(&self, indices: Range<usize>, src: &[[u8; PAGE_SIZE]]) -> usize {
+        let mut src = src.iter();
+        self.for_each_mapped(indices, |page, access| {
+            let Some(data) = src.next() else {
+                return false;
+            };
+            if access != MirroredAccess::Write {
+                return false;
             }
-            _ => false,
-        }
+            // SAFETY: As in `read_pages`, `page` is allocated; `data` is one
+            // page long.
+            unsafe { bindings::memcpy_to_page(page.as_ptr(), 0, data.as_ptr().cast(), PAGE_SIZE) };
+            true
+        })
     }
 
     /// Whether the device has exclusive access to any page in
