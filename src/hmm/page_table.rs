@@ -7,7 +7,11 @@ use super::{
     pagemap::{DevicePageRef, Pagemap},
     ValidPfn,
 };
-use core::{ops::Range, ptr::NonNull};
+use core::{
+    ops::Range,
+    ptr::NonNull,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 use kernel::{
     alloc::{Allocator, Vec},
     bindings,
@@ -58,10 +62,14 @@ const BATCH: usize = 64;
 ///   invalidated, under the lock that guards the table.
 /// - An entry tagged [`MirroredAccess::Atomic`] owns a reference to its
 ///   page, and is the only kind that carries [`EXCLUSIVE_MARK`].
+/// - No entry has an index above `max_index`. (Stores and erases run under
+///   the owning mirror's lock, which orders them.)
 #[pin_data(PinnedDrop)]
 pub struct DevicePageTable {
     #[pin]
     xa: Opaque<bindings::xarray>,
+    /// No entry has a higher index: erasing stops here.
+    max_index: AtomicUsize,
 }
 
 // SAFETY: The XArray has its own lock, and the pages it points to are not
@@ -76,6 +84,7 @@ impl DevicePageTable {
         pin_init!(Self {
             // SAFETY: `xa_init_flags` initializes the XArray at `xa`.
             xa <- Opaque::ffi_init(|xa| unsafe { bindings::xa_init_flags(xa, 0) }),
+            max_index: AtomicUsize::new(0),
         })
     }
 
@@ -192,6 +201,7 @@ impl DevicePageTable {
         let old = unsafe { bindings::xa_store(self.xa.get(), index, entry, bindings::GFP_ATOMIC) };
         // SAFETY: `xa_err` only decodes the entry.
         kernel::error::to_result(unsafe { bindings::xa_err(old) })?;
+        self.max_index.fetch_max(index, Ordering::Relaxed);
         // Marks outlive a store over an entry; keep them on `Atomic` only.
         if access == MirroredAccess::Atomic {
             // SAFETY: `self.xa` is initialized and has an entry at `index`.
@@ -326,10 +336,32 @@ impl DevicePageTable {
 
     /// Erases the entries for indices `first..=last`.
     ///
-    /// This runs in every invalidation that hits the mirror, over as many
-    /// pages as it covers: the exclusive entries give their reference back
-    /// one by one, the rest go in one walk under one XArray lock.
+    /// This runs in every invalidation of the address space, over as many
+    /// pages as it covers, mostly where the table has nothing: one lookup
+    /// tells so, as in C. Else the exclusive entries give their reference
+    /// back one by one, and the rest go in one walk under one XArray lock,
+    /// up to the highest index stored: `xa_store_range()` visits every
+    /// empty slot of the range, hundreds for one that ends at the top of
+    /// the address space.
     pub(super) fn erase(&self, first: usize, last: usize) {
+        let last = last.min(self.max_index.load(Ordering::Relaxed));
+        if first > last {
+            return;
+        }
+        let mut found = first as c_ulong;
+        // SAFETY: `self.xa` is initialized; `xa_find` takes the RCU read lock.
+        let entry = unsafe {
+            bindings::xa_find(
+                self.xa.get(),
+                &mut found,
+                last as c_ulong,
+                bindings::XA_PRESENT,
+            )
+        };
+        if entry.is_null() {
+            return;
+        }
+        let first = found as usize;
         self.for_each_exclusive(first, last, |index, _| {
             // SAFETY: `self.xa` is initialized.
             let old = unsafe { bindings::xa_erase(self.xa.get(), index) };
