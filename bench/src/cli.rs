@@ -3,16 +3,20 @@
 //! Command line.
 
 pub const USAGE: &str = "\
-usage: hmm-dmirror-bench run --module c|rust --out FILE [--reps N] [--only TEXT] [--pending]
+usage: hmm-dmirror-bench run --module c|rust --out FILE [--reps N] [--rounds N] [--only TEXT]
+                             [--pending]
        hmm-dmirror-bench report --dir DIR
        hmm-dmirror-bench list [--pending]
 
 run      (in the VM, a dmirror module loaded) time every workload against
          /dev/hmm_dmirror0 and write the samples as JSON to FILE.
          --reps N    override every workload's repetition count
+         --rounds N  this run is one of N whose samples are merged: run
+                     1/N of the repetitions and of the time budget
          --only TEXT run only the workloads whose name contains TEXT
          --pending   add the workloads the Rust module cannot serve yet
-report   (on the host) read DIR/raw-c.json, DIR/raw-rust.json and
+report   (on the host) read DIR/raw-c.json and DIR/raw-rust.json, or
+         the rounds DIR/raw-c-*.json and DIR/raw-rust-*.json, and
          DIR/vm-run.log; write DIR/results.json, DIR/table.txt and
          DIR/results.png; print the table. Exit status 1 if a workload
          failed or a module did not run.
@@ -25,6 +29,7 @@ pub enum Command {
         module: String,
         out: String,
         reps: Option<usize>,
+        rounds: usize,
         only: Option<String>,
         pending: bool,
     },
@@ -42,6 +47,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let sub = args.next().ok_or("no command given")?;
     let (mut module, mut out, mut reps, mut only, mut pending, mut dir) =
         (None, None, None, None, false, None);
+    let mut rounds = 1;
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
@@ -54,6 +60,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                     return Err("--reps must be at least 1".into());
                 }
                 reps = Some(n);
+            }
+            "--rounds" => {
+                let v = value()?;
+                rounds = v.parse().map_err(|_| format!("bad --rounds {v}"))?;
+                if rounds == 0 {
+                    return Err("--rounds must be at least 1".into());
+                }
             }
             "--only" => only = Some(value()?),
             "--pending" => pending = true,
@@ -72,6 +85,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                 module,
                 out: out.ok_or("run needs --out FILE")?,
                 reps,
+                rounds,
                 only,
                 pending,
             })
@@ -96,11 +110,12 @@ mod tests {
     #[test]
     fn run_options() {
         assert_eq!(
-            p("run --module rust --out x.json --reps 2 --only READ --pending"),
+            p("run --module rust --out x.json --reps 2 --rounds 3 --only READ --pending"),
             Ok(Command::Run {
                 module: "rust".into(),
                 out: "x.json".into(),
                 reps: Some(2),
+                rounds: 3,
                 only: Some("READ".into()),
                 pending: true,
             })
@@ -108,6 +123,7 @@ mod tests {
         assert!(p("run --module go --out x").is_err());
         assert!(p("run --module c").is_err());
         assert!(p("run --module c --out x --reps 0").is_err());
+        assert!(p("run --module c --out x --rounds 0").is_err());
     }
 
     #[test]

@@ -29,9 +29,17 @@ fn main() {
             module,
             out,
             reps,
+            rounds,
             only,
             pending,
-        } => run_cmd(&module, Path::new(&out), reps, only.as_deref(), pending),
+        } => run_cmd(
+            &module,
+            Path::new(&out),
+            reps,
+            rounds,
+            only.as_deref(),
+            pending,
+        ),
         Command::Report { dir } => report_cmd(Path::new(&dir)),
     };
     match r {
@@ -58,6 +66,7 @@ fn run_cmd(
     module: &str,
     out: &Path,
     reps: Option<usize>,
+    rounds: usize,
     only: Option<&str>,
     pending: bool,
 ) -> Result<bool, String> {
@@ -66,7 +75,7 @@ fn run_cmd(
         .filter(|w| only.is_none_or(|t| w.name().contains(t)))
         .map(|mut w| {
             w.reps = reps.unwrap_or(w.reps);
-            w
+            w.share(rounds)
         })
         .collect();
     if list.is_empty() {
@@ -76,6 +85,29 @@ fn run_cmd(
     let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
     std::fs::write(out, text).map_err(|e| format!("writing {}: {e}", out.display()))?;
     Ok(true)
+}
+
+/// A module's samples: `raw-<module>.json`, or its rounds
+/// `raw-<module>-<n>.json` merged.
+fn read_module(dir: &Path, module: &str) -> Option<(ModuleRun, usize)> {
+    let single = dir.join(format!("raw-{module}.json"));
+    if single.exists() {
+        return read_run(&single).map(|run| (run, 1));
+    }
+    let prefix = format!("raw-{module}-");
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json"))
+        })
+        .collect();
+    paths.sort();
+    let runs: Vec<_> = paths.iter().filter_map(|p| read_run(p)).collect();
+    let rounds = runs.len();
+    ModuleRun::merge(runs).map(|run| (run, rounds))
 }
 
 fn read_run(path: &Path) -> Option<ModuleRun> {
@@ -91,8 +123,8 @@ fn read_run(path: &Path) -> Option<ModuleRun> {
 
 /// Host side: compare, print, write results.json, table.txt, results.png.
 fn report_cmd(dir: &Path) -> Result<bool, String> {
-    let c = read_run(&dir.join("raw-c.json"));
-    let rust = read_run(&dir.join("raw-rust.json"));
+    let (c, c_rounds) = read_module(dir, "c").unzip();
+    let (rust, rust_rounds) = read_module(dir, "rust").unzip();
     if c.is_none() && rust.is_none() {
         return Err(format!(
             "no raw-c.json or raw-rust.json in {}",
@@ -100,12 +132,13 @@ fn report_cmd(dir: &Path) -> Result<bool, String> {
         ));
     }
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-    let res = compare_on(
+    let mut res = compare_on(
         c.as_ref(),
         rust.as_ref(),
         &read("vm-run.log"),
         (&read("host-load.before"), &read("host-load.after")),
     );
+    res.vm.rounds = c_rounds.max(rust_rounds).unwrap_or(1);
 
     let text = table::report(&res);
     print!("{text}");

@@ -15,6 +15,40 @@ pub struct ModuleRun {
     pub workloads: Vec<WorkloadRun>,
 }
 
+impl ModuleRun {
+    /// One run from several rounds of the same module: each workload's
+    /// samples together, in round order. A workload that failed (or was
+    /// skipped) in any round is failed (or skipped).
+    pub fn merge(runs: Vec<ModuleRun>) -> Option<ModuleRun> {
+        let mut runs = runs.into_iter();
+        let mut merged = runs.next()?;
+        for run in runs {
+            for w in run.workloads {
+                match merged.workloads.iter_mut().find(|m| m.name == w.name) {
+                    Some(m) => m.outcome = m.outcome.clone().merge(w.outcome),
+                    None => merged.workloads.push(w),
+                }
+            }
+        }
+        Some(merged)
+    }
+}
+
+impl Outcome {
+    fn merge(self, other: Outcome) -> Outcome {
+        match (self, other) {
+            (Outcome::Ok { mut samples }, Outcome::Ok { samples: more }) => {
+                samples.extend(more);
+                Outcome::Ok { samples }
+            }
+            (failed @ Outcome::Failed { .. }, _) | (_, failed @ Outcome::Failed { .. }) => failed,
+            (skipped @ Outcome::Skipped { .. }, _) | (_, skipped @ Outcome::Skipped { .. }) => {
+                skipped
+            }
+        }
+    }
+}
+
 /// The guest the numbers come from.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GuestInfo {
@@ -97,5 +131,57 @@ mod tests {
         assert_eq!(back.memory, run.memory);
         let skipped = serde_json::to_string(&Outcome::Skipped { note: "n".into() }).unwrap();
         assert_eq!(skipped, r#"{"status":"skipped","note":"n"}"#);
+    }
+
+    fn run_of(outcomes: &[(&str, Outcome)]) -> ModuleRun {
+        ModuleRun {
+            module: "c".into(),
+            guest: GuestInfo::default(),
+            workloads: outcomes
+                .iter()
+                .map(|(name, outcome)| WorkloadRun {
+                    name: name.to_string(),
+                    op: Op::Read,
+                    memory: Memory::Mirrored,
+                    pages: 1,
+                    outcome: outcome.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn ok(ns: &[u64]) -> Outcome {
+        Outcome::Ok {
+            samples: ns
+                .iter()
+                .map(|&ns| Sample {
+                    ns,
+                    ..Sample::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn merges_rounds() {
+        let failed = Outcome::Failed { error: "e".into() };
+        let first = run_of(&[("a", ok(&[1, 2])), ("b", ok(&[5])), ("c", ok(&[7]))]);
+        let second = run_of(&[("a", ok(&[3])), ("b", failed.clone()), ("d", ok(&[9]))]);
+        let merged = ModuleRun::merge(vec![first, second]).unwrap();
+        let outcomes: Vec<_> = merged
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), &w.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("a", &ok(&[1, 2, 3])),
+                ("b", &failed),
+                ("c", &ok(&[7])),
+                ("d", &ok(&[9]))
+            ]
+        );
+        assert!(ModuleRun::merge(Vec::new()).is_none());
     }
 }

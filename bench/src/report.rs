@@ -35,6 +35,10 @@ pub struct VmInfo {
     pub host_load_before: String,
     #[serde(default)]
     pub host_load_after: String,
+    /// Runs of each module whose samples were merged, in the order C,
+    /// Rust, Rust, C, ...: drift in the host's speed hits both alike.
+    #[serde(default)]
+    pub rounds: usize,
 }
 
 /// One workload, both modules.
@@ -195,6 +199,7 @@ pub fn compare_on(
             guest,
             host_load_before: host_load.0.trim().to_string(),
             host_load_after: host_load.1.trim().to_string(),
+            rounds: 1,
         },
         ratio: RATIO_MEANING.to_string(),
         workloads,

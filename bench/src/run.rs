@@ -5,7 +5,7 @@
 
 use crate::mem::{touch, AlignedMapping};
 use crate::model::{GuestInfo, ModuleRun, Outcome, Sample, WorkloadRun};
-use crate::workload::{Backing, Memory, Op, Resolve, Workload, MIN_REPS, PAGE, TIME_BUDGET};
+use crate::workload::{Backing, Memory, Op, Resolve, Workload, MIN_REPS, PAGE};
 use hmm_dmirror_selftests::dmirror::{page_size, Dmirror};
 use hmm_dmirror_selftests::mem::{madvise, Mapping, TWO_MB};
 use hmm_dmirror_selftests::uffd::{Handler, HandlerConfig, Uffd};
@@ -86,7 +86,7 @@ pub fn run_one(w: &Workload) -> Outcome {
 }
 
 /// `w.warmups` untimed repetitions, then up to `w.reps` timed ones:
-/// fewer, but at least `MIN_REPS`, once `TIME_BUDGET` is spent.
+/// fewer, but at least `MIN_REPS`, once `w.budget` is spent.
 ///
 /// Every repetition sets up its memory and buffer afresh: under TCG one
 /// setup can run a small ioctl twice as slow as another, for its whole
@@ -96,7 +96,7 @@ fn measure(w: &Workload) -> Result<Vec<Sample>> {
     let started = Instant::now();
     let mut samples = Vec::with_capacity(w.reps);
     for rep in 0..w.warmups + w.reps {
-        if samples.len() >= MIN_REPS.min(w.reps) && started.elapsed() > TIME_BUDGET {
+        if samples.len() >= MIN_REPS.min(w.reps) && started.elapsed() > w.budget {
             break;
         }
         // The buffer the device copies to or from: present before timing,

@@ -263,6 +263,13 @@ pub fn report(res: &Results) -> String {
             vm.host_load_before, vm.host_load_after
         );
     }
+    if vm.rounds > 1 {
+        let _ = writeln!(
+            out,
+            "Each module ran in {} rounds, C, Rust, Rust, C, ...; their samples are merged.",
+            vm.rounds
+        );
+    }
     if vm.accel == "tcg" {
         let _ = writeln!(
             out,

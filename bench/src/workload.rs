@@ -112,6 +112,8 @@ pub struct Workload {
     /// Untimed repetitions first: 1, or 0 where one repetition already
     /// runs the same path thousands of times.
     pub warmups: usize,
+    /// Time after which it stops at [`MIN_REPS`] repetitions.
+    pub budget: std::time::Duration,
 }
 
 /// Once a workload has spent this long, it stops after its
@@ -128,11 +130,24 @@ impl Workload {
             pages: bytes / PAGE,
             reps,
             warmups: 1,
+            budget: TIME_BUDGET,
         }
     }
 
     const fn without_warmup(self) -> Self {
         Workload { warmups: 0, ..self }
+    }
+
+    /// This workload as one of `rounds` runs whose samples are merged:
+    /// its share of the repetitions (at least [`MIN_REPS`]) and of the
+    /// time budget.
+    pub fn share(self, rounds: usize) -> Self {
+        let rounds = rounds.max(1);
+        Workload {
+            reps: self.reps.div_ceil(rounds).max(MIN_REPS.min(self.reps)),
+            budget: self.budget / rounds as u32,
+            ..self
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -226,6 +241,20 @@ mod tests {
             assert!(w.reps >= 3, "{}", w.name());
             assert!(w.pages >= 1, "{}", w.name());
         }
+    }
+
+    #[test]
+    fn rounds_share_reps_and_budget() {
+        let w = Workload::new(Op::Read, Memory::Mirrored, PAGE, 51);
+        let half = w.share(2);
+        assert_eq!((half.reps, half.budget), (26, TIME_BUDGET / 2));
+        assert_eq!(
+            Workload::new(Op::Read, Memory::Mirrored, PAGE, 5)
+                .share(2)
+                .reps,
+            MIN_REPS
+        );
+        assert_eq!(w.share(1).reps, 51);
     }
 
     #[test]
