@@ -368,18 +368,31 @@ pub struct Handler {
 }
 
 impl Handler {
+    /// Starts the handler thread and returns once it waits for events:
+    /// its start (stack, buffer) takes the mmap lock, which must not race
+    /// with the faults it is there to serve, or with a benchmark's clock.
     pub fn spawn(uffd: Arc<Uffd>, cfg: HandlerConfig) -> io::Result<Self> {
         let stop = Arc::new(StopFd::new()?);
         let seen = Arc::new(AtomicUsize::new(0));
         let (s, n) = (stop.clone(), seen.clone());
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
-            .spawn(move || serve(&uffd, &cfg, &s, &n))?;
-        Ok(Handler {
+            .spawn(move || serve(&uffd, &cfg, &s, &n, ready_tx))?;
+        let mut handler = Handler {
             stop,
             thread: Some(thread),
             seen,
-        })
+        };
+        if ready.recv().is_err() {
+            // It ended before it was ready: its error says why.
+            let t = handler.thread.take().expect("not joined yet");
+            return match t.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(io::Error::other("uffd handler ended before it started")),
+            };
+        }
+        Ok(handler)
     }
 
     /// Faults seen so far (including one being answered).
@@ -405,9 +418,19 @@ impl Drop for Handler {
     }
 }
 
-fn serve(uffd: &Uffd, cfg: &HandlerConfig, stop: &StopFd, seen: &AtomicUsize) -> io::Result<Stats> {
-    let mut buf = vec![0u8; cfg.unit];
+fn serve(
+    uffd: &Uffd,
+    cfg: &HandlerConfig,
+    stop: &StopFd,
+    seen: &AtomicUsize,
+    ready: std::sync::mpsc::SyncSender<()>,
+) -> io::Result<Stats> {
+    // Written now, so that its pages are there before the first fault.
+    let mut buf = vec![0xffu8; cfg.unit];
     let mut st = Stats::default();
+    // The spawner waits for this; it may have given up already.
+    let _ = ready.send(());
+    drop(ready);
     // A long timeout only bounds a forgotten handler; tests stop it.
     while let Some(msg) = uffd.next_event(Some(stop.raw_fd()), Duration::from_secs(600))? {
         if msg.event != UFFD_EVENT_PAGEFAULT {
