@@ -17,7 +17,7 @@ use core::{
     sync::atomic::{AtomicU64, Ordering},
 };
 use kernel::{
-    alloc::{flags::__GFP_NOWARN, VVec},
+    alloc::{flags::__GFP_NOWARN, KVVec, VVec},
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
@@ -27,7 +27,7 @@ use kernel::{
     page::{Page, PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
     sync::aref::ARef,
-    uaccess::{UserPtr, UserSlice},
+    uaccess::{UserPtr, UserSlice, UserSliceReader},
 };
 use pin_init::stack_try_pin_init;
 
@@ -169,9 +169,9 @@ impl DmirrorFile {
     /// READ and READ_UNLOCKABLE: copy what the device sees at `span` to the
     /// user buffer, faulting in what it does not map yet.
     fn read(&self, cmd: &mut HmmDmirrorCmd, span: &Span, mode: LockMode) -> Result {
-        let mut bounce = bounce_buffer(span)?;
+        let mut bounce = Bounce::new(span)?;
         cmd.faults = self.for_each_page(span, Request::Read, mode, |table, indices| {
-            table.read_pages(indices, &mut bounce)
+            bounce.read_pages(table, indices)
         })?;
         copy_out(cmd, span, &bounce)
     }
@@ -179,10 +179,9 @@ impl DmirrorFile {
     /// WRITE: copy the user buffer to `span` through the device, faulting
     /// pages in writable.
     fn write(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
-        let mut bounce = bounce_buffer(span)?;
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len())
-            .reader()
-            .read_all(&mut bounce, GFP_KERNEL)?;
+        let mut bounce = Bounce::new(span)?;
+        bounce
+            .read_user(UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), span.len()).reader())?;
         let (pages, _) = bounce.as_chunks::<PAGE_SIZE>();
         let first = span.start >> PAGE_SHIFT;
         let write = |table: &DevicePageTable, indices: Range<usize>| {
@@ -319,10 +318,10 @@ impl DmirrorFile {
     /// faulting: `ENOENT` if a page is not mapped (C's `dmirror_do_read`
     /// after a migration).
     fn read_mapped(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
-        let mut bounce = bounce_buffer(span)?;
+        let mut bounce = Bounce::new(span)?;
         let indices = (span.start >> PAGE_SHIFT)..(span.end >> PAGE_SHIFT);
         let pages = indices.len();
-        if self.mirror.lock().read_pages(indices, &mut bounce)? != pages {
+        if bounce.read_pages(&self.mirror.lock(), indices)? != pages {
             return Err(ENOENT);
         }
         copy_out(cmd, span, &bounce)
@@ -455,11 +454,57 @@ impl DmirrorFile {
     }
 }
 
-/// The kernel copy of the user buffer of a READ or WRITE of `span`. Its
-/// size comes from user space: a failure is `ENOMEM`, without the
-/// allocator's warning.
-fn bounce_buffer(span: &Span) -> Result<VVec<u8>> {
-    Ok(VVec::with_capacity(span.len(), GFP_KERNEL | __GFP_NOWARN)?)
+/// The kernel copy of the user buffer of a command over a span (C's
+/// bounce buffer). Its size comes from user space: a failure is `ENOMEM`,
+/// without the allocator's warning. A small one comes from `kvmalloc()`,
+/// which needs no mapping to set up and to flush when freed, as C's
+/// `vmalloc()` does; a larger one from `vmalloc()`, as a physically
+/// contiguous try of that size can stall in compaction.
+enum Bounce {
+    Small(KVVec<u8>),
+    Large(VVec<u8>),
+}
+
+/// The largest bounce buffer that [`Bounce`] tries with `kvmalloc()`.
+const SMALL_BOUNCE: usize = 16 * PAGE_SIZE;
+
+impl Bounce {
+    /// An empty buffer with room for `span`.
+    fn new(span: &Span) -> Result<Self> {
+        let flags = GFP_KERNEL | __GFP_NOWARN;
+        Ok(if span.len() <= SMALL_BOUNCE {
+            Self::Small(KVVec::with_capacity(span.len(), flags)?)
+        } else {
+            Self::Large(VVec::with_capacity(span.len(), flags)?)
+        })
+    }
+
+    /// [`DevicePageTable::read_pages`] into this buffer.
+    fn read_pages(&mut self, table: &DevicePageTable, indices: Range<usize>) -> Result<usize> {
+        match self {
+            Self::Small(buf) => table.read_pages(indices, buf),
+            Self::Large(buf) => table.read_pages(indices, buf),
+        }
+    }
+
+    /// Appends what `reader` has, all of it.
+    fn read_user(&mut self, reader: UserSliceReader) -> Result {
+        match self {
+            Self::Small(buf) => reader.read_all(buf, GFP_KERNEL),
+            Self::Large(buf) => reader.read_all(buf, GFP_KERNEL),
+        }
+    }
+}
+
+impl core::ops::Deref for Bounce {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Small(buf) => buf,
+            Self::Large(buf) => buf,
+        }
+    }
 }
 
 /// Copies `bounce`, the device's view of `span`, to the user buffer, and
