@@ -53,33 +53,24 @@ fn buffer(size: usize) -> io::Result<Mapping> {
     Ok(buf)
 }
 
+/// The command `request` over the whole of `buf`, with `out` as its
+/// buffer.
+fn over_all(d: &Dmirror, request: u32, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+    d.cmd(request, buf.addr(), out.addr(), npages(buf.len()))
+}
+
 /// CHECK_EXCLUSIVE over the whole of `buf`: `EPERM` while the device
 /// still has exclusive access to a page of it.
 fn check_exclusive(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
-    d.cmd(
-        HMM_DMIRROR_CHECK_EXCLUSIVE,
-        buf.addr(),
-        out.addr(),
-        npages(buf.len()),
-    )
+    over_all(d, HMM_DMIRROR_CHECK_EXCLUSIVE, buf, out)
 }
 
 fn migrate_to_dev(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
-    d.cmd(
-        HMM_DMIRROR_MIGRATE_TO_DEV,
-        buf.addr(),
-        out.addr(),
-        npages(buf.len()),
-    )
+    over_all(d, HMM_DMIRROR_MIGRATE_TO_DEV, buf, out)
 }
 
 fn migrate_to_sys(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
-    d.cmd(
-        HMM_DMIRROR_MIGRATE_TO_SYS,
-        buf.addr(),
-        out.addr(),
-        npages(buf.len()),
-    )
+    over_all(d, HMM_DMIRROR_MIGRATE_TO_SYS, buf, out)
 }
 
 /// The SNAPSHOT byte of every page of `buf`.
