@@ -321,16 +321,15 @@ impl DevicePageTable {
         last: usize,
         mut f: impl FnMut(usize, *mut c_void) -> bool,
     ) {
-        let mark = EXCLUSIVE_MARK;
         let mut index = first as c_ulong;
+        let last = last as c_ulong;
         // SAFETY: `self.xa` is initialized; `xa_find` takes the RCU read lock.
         let mut entry =
-            unsafe { bindings::xa_find(self.xa.get(), &mut index, last as c_ulong, mark) };
+            unsafe { bindings::xa_find(self.xa.get(), &mut index, last, EXCLUSIVE_MARK) };
         while !entry.is_null() && f(index as usize, entry) {
             // SAFETY: As above.
-            entry = unsafe {
-                bindings::xa_find_after(self.xa.get(), &mut index, last as c_ulong, mark)
-            };
+            entry =
+                unsafe { bindings::xa_find_after(self.xa.get(), &mut index, last, EXCLUSIVE_MARK) };
         }
     }
 
@@ -387,8 +386,7 @@ impl DevicePageTable {
 impl PinnedDrop for DevicePageTable {
     fn drop(self: Pin<&mut Self>) {
         // Only the exclusive entries own something; `xa_destroy` frees the
-        // rest. (Not `erase`: a range up to `usize::MAX` would wrap the
-        // index in `xa_store_range`.)
+        // rest, without `erase`'s walk.
         self.for_each_exclusive(0, usize::MAX, |_, entry| {
             // SAFETY: The table is going away: no entry outlives this.
             unsafe { Self::release(entry) };
