@@ -42,6 +42,15 @@ pub enum Command {
     Help,
 }
 
+/// The value `v` of the option `flag`: a count of at least 1.
+fn count(flag: &str, v: &str) -> Result<usize, String> {
+    match v.parse() {
+        Ok(0) => Err(format!("{flag} must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("bad {flag} {v}")),
+    }
+}
+
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
     let mut args = args.into_iter();
     let sub = args.next().ok_or("no command given")?;
@@ -53,21 +62,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
         match a.as_str() {
             "--module" => module = Some(value()?),
             "--out" => out = Some(value()?),
-            "--reps" => {
-                let v = value()?;
-                let n: usize = v.parse().map_err(|_| format!("bad --reps {v}"))?;
-                if n == 0 {
-                    return Err("--reps must be at least 1".into());
-                }
-                reps = Some(n);
-            }
-            "--rounds" => {
-                let v = value()?;
-                rounds = v.parse().map_err(|_| format!("bad --rounds {v}"))?;
-                if rounds == 0 {
-                    return Err("--rounds must be at least 1".into());
-                }
-            }
+            "--reps" => reps = Some(count(&a, &value()?)?),
+            "--rounds" => rounds = count(&a, &value()?)?,
             "--only" => only = Some(value()?),
             "--pending" => pending = true,
             "--dir" => dir = Some(value()?),

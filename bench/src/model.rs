@@ -25,7 +25,7 @@ impl ModuleRun {
         for run in runs {
             for w in run.workloads {
                 match merged.workloads.iter_mut().find(|m| m.name == w.name) {
-                    Some(m) => m.outcome = m.outcome.clone().merge(w.outcome),
+                    Some(m) => m.outcome.absorb(w.outcome),
                     None => merged.workloads.push(w),
                 }
             }
@@ -35,16 +35,15 @@ impl ModuleRun {
 }
 
 impl Outcome {
-    fn merge(self, other: Outcome) -> Outcome {
-        match (self, other) {
-            (Outcome::Ok { mut samples }, Outcome::Ok { samples: more }) => {
-                samples.extend(more);
-                Outcome::Ok { samples }
-            }
-            (failed @ Outcome::Failed { .. }, _) | (_, failed @ Outcome::Failed { .. }) => failed,
-            (skipped @ Outcome::Skipped { .. }, _) | (_, skipped @ Outcome::Skipped { .. }) => {
-                skipped
-            }
+    /// Adds another round's outcome to this one, in place: samples
+    /// append; a failure, then a skip, wins over samples.
+    fn absorb(&mut self, other: Outcome) {
+        match (&mut *self, other) {
+            (Outcome::Ok { samples }, Outcome::Ok { samples: more }) => samples.extend(more),
+            (Outcome::Failed { .. }, _) => {}
+            (_, failed @ Outcome::Failed { .. }) => *self = failed,
+            (Outcome::Skipped { .. }, _) => {}
+            (_, skipped) => *self = skipped,
         }
     }
 }
