@@ -258,8 +258,14 @@ impl DmirrorFile {
                 let Some(locked) = range.lock_if_valid() else {
                     return Ok(false);
                 };
+                // The pages of a huge mapping share their byte: decode it once.
+                let mut last = None;
                 for (perm, (_, pfn)) in perms.iter_mut().zip(locked.pfns()) {
-                    *perm = prot_byte(&pfn, owner);
+                    *perm = match last {
+                        Some((ref prev, byte)) if pfn.same_huge_mapping(prev) => byte,
+                        _ => prot_byte(&pfn, owner),
+                    };
+                    last = Some((pfn, *perm));
                 }
                 Ok(true)
             })?;

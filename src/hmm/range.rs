@@ -355,9 +355,24 @@ impl ValidPfn<'_> {
     /// log2 of the size of the CPU mapping of the page: `PAGE_SHIFT`, or
     /// `PMD_SHIFT`/`PUD_SHIFT` for huge mappings.
     pub fn map_shift(&self) -> u32 {
-        // `hmm_pfn_to_map_order()`, decoded here: this runs once per page.
-        let order = (self.raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f;
-        order as u32 + PAGE_SHIFT as u32
+        self.map_order() + PAGE_SHIFT as u32
+    }
+
+    /// `hmm_pfn_to_map_order()`, decoded here: this runs once per page.
+    fn map_order(&self) -> u32 {
+        ((self.raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f) as u32
+    }
+
+    /// Whether `self` and `other` are pages of one huge mapping: then they
+    /// differ in their pfn only, and their pages are of one folio, of one
+    /// [`PageKind`].
+    pub fn same_huge_mapping(&self, other: &ValidPfn<'_>) -> bool {
+        let order = self.map_order();
+        let diff = self.raw ^ other.raw;
+        order > 0
+            && self.is_valid()
+            && diff & bindings::hmm_pfn_flags_HMM_PFN_FLAGS == 0
+            && (diff & !bindings::hmm_pfn_flags_HMM_PFN_FLAGS) >> order == 0
     }
 
     pub(super) fn page_ptr(&self) -> Option<NonNull<bindings::page>> {
