@@ -6,9 +6,9 @@
 use crate::{
     device::{copy_to_system, take_fail_alloc, Device},
     hmm::{
-        self, Collected, Deadline, Destination, DevicePageTable, DevicePool, ExclusivePage,
-        HmmRange, Migration, Mirror, MmapReadGuard, Owner, PageKind, Request, Source, ValidPfn,
-        FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
+        self, Collected, Deadline, Destination, DevicePageTable, ExclusivePage, HmmRange,
+        Migration, Mirror, MmapReadGuard, Owner, PageKind, PoolAllocator, Request, Source,
+        ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -295,9 +295,11 @@ impl DmirrorFile {
                 let (vma, next) = migration_step(&lock, addr, span.end)?;
                 let mut migration =
                     Migration::to_device(&lock, vma, addr, next, true, &self.mirror)?;
+                let mut allocator = pool.allocator()?;
                 for index in 0..migration.len() {
-                    self.copy_to_device(&pool, &mut migration, index)?;
+                    self.copy_to_device(&mut allocator, &mut migration, index)?;
                 }
+                drop(allocator);
                 let migrated = migration.pages();
                 mapped &= migrated.map_into(&self.mirror.lock(), seq)?;
                 migrated.finalize();
@@ -357,7 +359,7 @@ impl DmirrorFile {
     /// stays where it is; `FLAG_FAIL_ALLOC` fails the next allocation.
     fn copy_to_device(
         &self,
-        pool: &DevicePool,
+        pool: &mut PoolAllocator<'_>,
         migration: &mut Collected<'_>,
         index: usize,
     ) -> Result {

@@ -45,7 +45,7 @@ pub use pagemap::{
     CpuFault, DevicePage, DevicePageRef, FaultError, Pagemap, PagemapOps, CHUNK_SIZE, FOLIO_ORDER,
     FOLIO_PAGES,
 };
-pub use pool::{init_pools, DevicePool, MAX_POOLS};
+pub use pool::{init_pools, DevicePool, PoolAllocator, MAX_POOLS};
 pub use range::{HmmRange, LockedRange, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT};
 
 use kernel::{

@@ -90,37 +90,13 @@ impl DevicePool {
         chunks.last().ok_or(ENOMEM)
     }
 
-    /// Allocates a device page, adding a pagemap when all are full.
-    pub fn alloc_page(&self) -> Result<DevicePage> {
-        self.alloc(false)
-    }
-
-    /// Allocates a large (PMD-sized) device folio, adding a pagemap when
-    /// all are full.
-    pub fn alloc_folio(&self) -> Result<DevicePage> {
-        self.alloc(true)
-    }
-
-    fn alloc(&self, large: bool) -> Result<DevicePage> {
-        let alloc = |chunk: &Pagemap| {
-            if large {
-                chunk.alloc_folio()
-            } else {
-                chunk.alloc_page()
-            }
-        };
-        let mut pools = pools()?;
-        let chunks = &mut pools[self.id];
-        // `ENOSPC`: that pagemap is full, try the next one. Any other
-        // error (no memory for the backing pages) would be the same with
-        // a new pagemap.
-        for chunk in chunks.iter() {
-            match alloc(chunk) {
-                Err(e) if e == ENOSPC => {}
-                result => return result,
-            }
-        }
-        alloc(self.add_locked(chunks, large)?).map_err(|e| if e == ENOSPC { ENOMEM } else { e })
+    /// The pool's allocator, with the pools' lock held until it is
+    /// dropped: a migration takes it once per window, not once per page.
+    pub fn allocator(&self) -> Result<PoolAllocator<'_>> {
+        Ok(PoolAllocator {
+            pool: self,
+            pools: pools()?,
+        })
     }
 
     /// Migrates every device page of the pool back to system memory, as C
@@ -146,5 +122,46 @@ impl DevicePool {
         // of them, and waits for the lock, must be able to go on, or the
         // pagemap would wait for that page for ever.
         drop(chunks);
+    }
+}
+
+/// Allocations from a [`DevicePool`], with the lock of all pools held.
+pub struct PoolAllocator<'a> {
+    pool: &'a DevicePool,
+    pools: kernel::sync::GlobalGuard<POOLS>,
+}
+
+impl PoolAllocator<'_> {
+    /// Allocates a device page, adding a pagemap when all are full.
+    pub fn alloc_page(&mut self) -> Result<DevicePage> {
+        self.alloc(false)
+    }
+
+    /// Allocates a large (PMD-sized) device folio, adding a pagemap when
+    /// all are full.
+    pub fn alloc_folio(&mut self) -> Result<DevicePage> {
+        self.alloc(true)
+    }
+
+    fn alloc(&mut self, large: bool) -> Result<DevicePage> {
+        let alloc = |chunk: &Pagemap| {
+            if large {
+                chunk.alloc_folio()
+            } else {
+                chunk.alloc_page()
+            }
+        };
+        let chunks = &mut self.pools[self.pool.id];
+        // `ENOSPC`: that pagemap is full, try the next one. Any other
+        // error (no memory for the backing pages) would be the same with
+        // a new pagemap.
+        for chunk in chunks.iter() {
+            match alloc(chunk) {
+                Err(e) if e == ENOSPC => {}
+                result => return result,
+            }
+        }
+        alloc(self.pool.add_locked(chunks, large)?)
+            .map_err(|e| if e == ENOSPC { ENOMEM } else { e })
     }
 }
