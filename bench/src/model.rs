@@ -52,7 +52,11 @@ impl Outcome {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GuestInfo {
     pub kernel: String,
+    /// Online CPUs.
     pub cpus: usize,
+    /// The CPUs the benchmark may run on (its affinity: bench-guest pins it).
+    #[serde(default)]
+    pub bench_cpus: usize,
     pub page_size: usize,
     /// /sys/kernel/mm/transparent_hugepage/enabled, e.g. "[always] madvise never".
     pub thp: String,

@@ -241,12 +241,17 @@ fn guest_info() -> GuestInfo {
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
+    let cpuinfo = read("/proc/cpuinfo");
     GuestInfo {
         kernel: read("/proc/sys/kernel/osrelease"),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus: cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count(),
+        bench_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         page_size: page_size(),
         thp: read("/sys/kernel/mm/transparent_hugepage/enabled"),
-        hypervisor_flag: read("/proc/cpuinfo")
+        hypervisor_flag: cpuinfo
             .lines()
             .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor")),
     }

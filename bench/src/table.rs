@@ -244,7 +244,7 @@ pub fn report(res: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "VM: {} ({}); guest kernel {}, {} CPUs, THP {}",
+        "VM: {} ({}); guest kernel {}, {} CPUs{}, THP {}",
         vm.accel.to_uppercase(),
         if vm.vm_run_line.is_empty() {
             "no vm-run line"
@@ -253,6 +253,10 @@ pub fn report(res: &Results) -> String {
         },
         vm.guest.kernel,
         vm.guest.cpus,
+        match vm.guest.bench_cpus {
+            n if n > 0 && n < vm.guest.cpus => format!(" (the benchmark pinned to {n})"),
+            _ => String::new(),
+        },
         vm.guest.thp
     );
     if !vm.host_load_before.is_empty() {
@@ -359,6 +363,16 @@ mod tests {
         assert_eq!(lines[1], "------------");
         assert_eq!(lines[2], "a          1");
         assert_eq!(lines[3], "longer  1000");
+    }
+
+    #[test]
+    fn report_tells_the_pinning() {
+        let mut res = compare_on(Some(&run("c", 1)), Some(&run("rust", 2)), "", ("", ""));
+        res.vm.guest.cpus = 2;
+        res.vm.guest.bench_cpus = 1;
+        assert!(report(&res).contains(", 2 CPUs (the benchmark pinned to 1), THP"));
+        res.vm.guest.bench_cpus = 2;
+        assert!(report(&res).contains(", 2 CPUs, THP"));
     }
 
     #[test]
