@@ -13,7 +13,8 @@ run      (in the VM, a dmirror module loaded) time every workload against
          --reps N    override every workload's repetition count
          --rounds N  this run is one of N whose samples are merged: run
                      1/N of the repetitions and of the time budget
-         --only TEXT run only the workloads whose name contains TEXT
+         --only TEXT run only the workloads whose name contains TEXT, or
+                     one of TEXT's '|'-separated parts, in list order
          --pending   add the workloads the Rust module cannot serve yet
 report   (on the host) read DIR/raw-c.json and DIR/raw-rust.json, or
          the rounds DIR/raw-c-*.json and DIR/raw-rust-*.json, and

@@ -72,7 +72,7 @@ fn run_cmd(
 ) -> Result<bool, String> {
     let list: Vec<_> = workloads(pending)
         .into_iter()
-        .filter(|w| only.is_none_or(|t| w.name().contains(t)))
+        .filter(|w| only.is_none_or(|t| workload::matches(&w.name(), t)))
         .map(|mut w| {
             w.reps = reps.unwrap_or(w.reps);
             w.share(rounds)

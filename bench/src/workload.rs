@@ -181,6 +181,12 @@ pub fn size_name(bytes: usize) -> String {
 /// 4096-event userfaultfd read take a second or more each (set-up
 /// included), so they get few. Both modules together take about three
 /// minutes on an idle 2-core host.
+/// Whether `--only` `filter` selects the workload `name`: it contains
+/// `filter`, or one of its `|`-separated parts.
+pub fn matches(name: &str, filter: &str) -> bool {
+    filter.split('|').any(|part| name.contains(part))
+}
+
 pub fn all() -> Vec<Workload> {
     use Memory::*;
     use Op::*;
@@ -227,6 +233,16 @@ pub fn pending() -> Vec<Workload> {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn only_takes_alternatives() {
+        assert!(matches("READ mirrored 4 KiB", "mirrored 4"));
+        assert!(matches(
+            "READ_UNLOCKABLE uffd page/fault N=256",
+            "SNAPSHOT|N=256"
+        ));
+        assert!(!matches("READ mirrored 4 KiB", "SNAPSHOT|N=256"));
+    }
 
     #[test]
     fn names_are_unique() {
