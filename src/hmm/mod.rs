@@ -18,7 +18,8 @@
 //!   the lock is still held.
 //! - [`Pagemap`] and [`DevicePool`]: device-private memory, simulated with
 //!   a system page behind every device page; [`PagemapOps`] is what the
-//!   device does on CPU faults (`migrate_to_ram`) and frees.
+//!   device does on CPU faults (`migrate_to_ram`) and frees. A
+//!   [`PoolAllocator`] hands out pages with the pools' lock held.
 //! - [`Migration`]: `migrate_vma_*`, its setup → pages → finalize order
 //!   enforced by the types [`Collected`] and [`Migrated`].
 //!
