@@ -365,7 +365,7 @@ impl DmirrorFile {
     /// stays where it is; `FLAG_FAIL_ALLOC` fails the next allocation.
     fn copy_to_device(
         &self,
-        pool: &mut PoolAllocator<'_>,
+        allocator: &mut PoolAllocator<'_>,
         migration: &mut Collected<'_>,
         index: usize,
     ) -> Result {
@@ -380,9 +380,9 @@ impl DmirrorFile {
         let first = if failed {
             None
         } else if compound {
-            pool.alloc_folio().ok()
+            allocator.alloc_folio().ok()
         } else {
-            pool.alloc_page().ok()
+            allocator.alloc_page().ok()
         };
         let pages = match first {
             // The common case, without a vector: `src` borrows `migration`
@@ -396,7 +396,7 @@ impl DmirrorFile {
                 let nr = FOLIO_PAGES.min(migration.len() - index);
                 let mut pages = KVec::with_capacity(nr, GFP_KERNEL)?;
                 for i in 0..nr {
-                    let Ok(mut page) = pool.alloc_page() else {
+                    let Ok(mut page) = allocator.alloc_page() else {
                         break;
                     };
                     page.copy_from_system_at(src.as_ref(), i);

@@ -290,7 +290,7 @@ impl<const N: usize> LockedRange<'_, '_, N> {
 /// `index % size` of the folio. Entries that already agree (all correct
 /// ones, as physically aligned folios) cost one comparison.
 fn huge_entry_at(raw: c_ulong, index: usize) -> c_ulong {
-    let order = (raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f;
+    let order = map_order(raw);
     let mask: c_ulong = (1 << order) - 1;
     let pfn = raw & !bindings::hmm_pfn_flags_HMM_PFN_FLAGS;
     if order == 0
@@ -308,6 +308,12 @@ fn huge_entry_at(raw: c_ulong, index: usize) -> c_ulong {
     // SAFETY: As above.
     let pfn = unsafe { bindings::page_to_pfn(page) };
     (raw & bindings::hmm_pfn_flags_HMM_PFN_FLAGS) | pfn
+}
+
+/// `hmm_pfn_to_map_order()` of the output entry `raw`, decoded here: this
+/// runs once per page.
+fn map_order(raw: c_ulong) -> u32 {
+    ((raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f) as u32
 }
 
 /// What kind of page a valid pfn refers to.
@@ -358,9 +364,8 @@ impl ValidPfn<'_> {
         self.map_order() + PAGE_SHIFT as u32
     }
 
-    /// `hmm_pfn_to_map_order()`, decoded here: this runs once per page.
     fn map_order(&self) -> u32 {
-        ((self.raw >> bindings::hmm_pfn_flags_HMM_PFN_ORDER_SHIFT) & 0x1f) as u32
+        map_order(self.raw)
     }
 
     /// Whether `self` and `other` are pages of one huge mapping: then they
