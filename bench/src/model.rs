@@ -58,7 +58,7 @@ pub struct GuestInfo {
     #[serde(default)]
     pub bench_cpus: usize,
     pub page_size: usize,
-    /// /sys/kernel/mm/transparent_hugepage/enabled, e.g. "[always] madvise never".
+    /// /sys/kernel/mm/transparent_hugepage/enabled, e.g. `[always] madvise never`.
     pub thp: String,
     /// The `hypervisor` flag of /proc/cpuinfo: set under KVM, and by
     /// QEMU's TCG too, so it does not tell them apart (vm-run's line does).
