@@ -15,3 +15,14 @@ guest_module() {
 	esac
 	name=$(basename "$ko" .ko)
 }
+
+# bench_pin: the command prefix that pins a benchmark run, its userfaultfd
+# handler threads included, to the guest's last vCPU, as make bench does
+# (see scripts/bench-guest for why). Fails when taskset is missing.
+bench_pin() {
+	if ! command -v taskset > /dev/null; then
+		echo "taskset (util-linux) is missing" >&2
+		return 1
+	fi
+	echo "taskset -c $(($(nproc) - 1))"
+}
