@@ -2,18 +2,19 @@
 # Shared by the scripts that run inside the VM (scripts/vm-run). Source it;
 # do not run it.
 
-# guest_module c|rust: set ko, the module file vm-run handed the guest,
-# and name, the module's name for rmmod.
+# guest_module c|rust: set module_ko, the module file vm-run handed the
+# guest, and module_name, its name for rmmod. The names are this long so
+# that no caller's own variables get overwritten.
 guest_module() {
 	case $1 in
-	c) ko=$DMIRROR_C_KO ;;
-	rust) ko=$DMIRROR_RUST_KO ;;
+	c) module_ko=$DMIRROR_C_KO ;;
+	rust) module_ko=$DMIRROR_RUST_KO ;;
 	*)
 		echo "unknown module '$1': c or rust" >&2
 		return 2
 		;;
 	esac
-	name=$(basename "$ko" .ko)
+	module_name=$(basename "$module_ko" .ko)
 }
 
 # bench_pin: the command prefix that pins a benchmark run, its userfaultfd
