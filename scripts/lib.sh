@@ -34,11 +34,11 @@ use_flavor() {
 	FLAVOR=$1
 	case $FLAVOR in
 	"")
-		FRAGMENTS=("$ROOT/config/dmirror.config")
+		FRAGMENTS=("$ROOT/config/vm.config" "$ROOT/config/dmirror.config")
 		MODULE_DIR=$ROOT/build/module
 		;;
 	debug)
-		FRAGMENTS=("$ROOT/config/dmirror.config" "$ROOT/config/debug.config")
+		FRAGMENTS=("$ROOT/config/vm.config" "$ROOT/config/dmirror.config" "$ROOT/config/debug.config")
 		MODULE_DIR=$ROOT/build/module-debug
 		;;
 	*) die "unknown kernel flavor '$FLAVOR' (known: debug)" ;;
