@@ -20,6 +20,12 @@ options:
   --timeout SECS   per-test timeout, overriding each test's own
   -h, --help       this text
 
+environment:
+  DMIRROR_TIMEOUT_SCALE=N   multiply each test's own timeout, and its
+                            bounds on how promptly things end, by N (1-10;
+                            scripts/vm-run sets 4 under TCG)
+  DMIRROR_STRESS_SECS=N     seconds per stress case (default 3)
+
 exit status: 0 all passed (or skipped), 1 a test failed or bad usage,
 4 every test skipped.
 ";

@@ -11,6 +11,7 @@ use crate::ktap::{self, Counts, Outcome};
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Why a test did not pass.
@@ -54,6 +55,30 @@ pub struct Test {
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The largest timeout scale: a hang must still end the test.
+const MAX_TIMEOUT_SCALE: u32 = 10;
+
+/// What each test's own timeout, and the bounds a test puts on "promptly",
+/// are multiplied by: `DMIRROR_TIMEOUT_SCALE`, clamped to 1..=10.
+/// scripts/vm-run sets it to 4 under TCG, where the guest runs many times
+/// slower than the hardware the bounds were chosen on.
+pub fn timeout_scale() -> u32 {
+    static SCALE: OnceLock<u32> = OnceLock::new();
+    *SCALE.get_or_init(|| parse_scale(std::env::var("DMIRROR_TIMEOUT_SCALE").ok().as_deref()))
+}
+
+fn parse_scale(value: Option<&str>) -> u32 {
+    value
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .clamp(1, MAX_TIMEOUT_SCALE)
+}
+
+/// `d` times the timeout scale.
+pub fn scaled(d: Duration) -> Duration {
+    d * timeout_scale()
+}
 
 impl Test {
     pub const fn new(name: &'static str, func: fn() -> TestResult) -> Self {
@@ -419,10 +444,17 @@ pub fn run(tests: &[&Test], timeout: Option<Duration>, out: &mut dyn Write) -> i
     let mut counts = Counts::default();
     writeln!(out, "{}", ktap::header())?;
     writeln!(out, "{}", ktap::plan(tests.len()))?;
+    if timeout.is_none() && timeout_scale() > 1 {
+        let msg = format!(
+            "per-test timeouts x{} (DMIRROR_TIMEOUT_SCALE)",
+            timeout_scale()
+        );
+        writeln!(out, "{}", ktap::diag(&msg))?;
+    }
     for (i, test) in tests.iter().enumerate() {
         writeln!(out, "{}", ktap::diag(&format!("RUN {}", test.name)))?;
         out.flush()?;
-        let report = run_one(test, timeout.unwrap_or(test.timeout));
+        let report = run_one(test, timeout.unwrap_or_else(|| scaled(test.timeout)));
         for d in &report.diags {
             writeln!(out, "{}", ktap::diag(d))?;
         }
@@ -455,6 +487,17 @@ pub fn run(tests: &[&Test], timeout: Option<Duration>, out: &mut dyn Write) -> i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_scale_is_clamped() {
+        assert_eq!(parse_scale(None), 1);
+        assert_eq!(parse_scale(Some("")), 1);
+        assert_eq!(parse_scale(Some("x")), 1);
+        assert_eq!(parse_scale(Some("0")), 1);
+        assert_eq!(parse_scale(Some("4")), 4);
+        assert_eq!(parse_scale(Some(" 3\n")), 3);
+        assert_eq!(parse_scale(Some("1000")), MAX_TIMEOUT_SCALE);
+    }
 
     fn pass() -> TestResult {
         crate::diag!("hello\nworld");

@@ -6,6 +6,7 @@
 //! never hang.
 
 use super::lockdrop::{check_faults, check_pages, new_uffd, UffdRegion, HANDLER_SEED};
+use super::prompt;
 use crate::check::{check_each, expect_errno, pattern};
 use crate::dmirror::{page_size, Dmirror};
 use crate::harness::{describe, send_diag, Test, TestResult};
@@ -31,9 +32,6 @@ pub const TESTS: &[Test] = &[
         invalidate_while_waiting,
     ),
 ];
-
-/// How long a read may take to end once nothing holds it any more.
-const PROMPT: Duration = Duration::from_secs(10);
 
 type ReadResult = io::Result<crate::dmirror::Counters>;
 
@@ -66,7 +64,7 @@ fn unmap_while_waiting() -> TestResult {
     let (rx, reader) = spawn_reader(d, base, out.addr(), n);
 
     // We are the handler: take the fault, and do not answer yet.
-    let msg = uffd.next_event(None, PROMPT)?.ok_or("no fault")?;
+    let msg = uffd.next_event(None, prompt())?.ok_or("no fault")?;
     ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
     let fault = msg.address() as usize & !(ps - 1);
     ensure_eq!(fault, base, "first fault");
@@ -91,8 +89,8 @@ fn unmap_while_waiting() -> TestResult {
     uffd.wake(base, len)?;
 
     let res = rx
-        .recv_timeout(PROMPT)
-        .map_err(|_| format!("the read did not end within {PROMPT:?} of the wake"))?;
+        .recv_timeout(prompt())
+        .map_err(|_| format!("the read did not end within {:?} of the wake", prompt()))?;
     reader.join().map_err(|_| "reader panicked".to_string())?;
     expect_errno(
         res,
@@ -125,7 +123,7 @@ fn invalidate_while_waiting() -> TestResult {
         if let Ok(res) = rx.try_recv() {
             break res;
         }
-        let Some(msg) = r.uffd.next_event(None, PROMPT)? else {
+        let Some(msg) = r.uffd.next_event(None, prompt())? else {
             continue;
         };
         ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
@@ -142,7 +140,7 @@ fn invalidate_while_waiting() -> TestResult {
         answered[p] += 1;
         if answered.iter().all(|&a| a > 0) && answered[ZAP] == 2 {
             break rx
-                .recv_timeout(PROMPT)
+                .recv_timeout(prompt())
                 .map_err(|_| "the read did not end".to_string())?;
         }
     };
@@ -176,7 +174,7 @@ fn uffd_closed_while_waiting() -> TestResult {
     let mut out = Mapping::rw(n * ps)?;
     out.bytes_mut().fill(0xEE);
     let (rx, reader) = spawn_reader(d, map.addr(), out.addr(), n);
-    let msg = uffd.next_event(None, PROMPT)?.ok_or("no fault")?;
+    let msg = uffd.next_event(None, prompt())?.ok_or("no fault")?;
     ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
     ensure!(
         rx.try_recv().is_err(),
@@ -184,8 +182,8 @@ fn uffd_closed_while_waiting() -> TestResult {
     );
     drop(uffd);
     let res = rx
-        .recv_timeout(PROMPT)
-        .map_err(|_| format!("the read did not end within {PROMPT:?} of the close"))?;
+        .recv_timeout(prompt())
+        .map_err(|_| format!("the read did not end within {:?} of the close", prompt()))?;
     reader.join().map_err(|_| "reader panicked".to_string())?;
     let c = res?;
     ensure_eq!(c.cpages, n as u64);
@@ -310,7 +308,7 @@ fn write_byte(fd: i32, b: u8) {
 /// Wait until the child's handler has the fault, check the read is still
 /// blocked, SIGKILL the child and time its death.
 fn watch_and_kill(pid: i32, rfd: i32) -> TestResult {
-    let got = read_byte(rfd, PROMPT)?;
+    let got = read_byte(rfd, prompt())?;
     ensure_eq!(
         got,
         Some(b'F'),
@@ -342,8 +340,9 @@ fn watch_and_kill(pid: i32, rfd: i32) -> TestResult {
             break;
         }
         ensure!(
-            start.elapsed() < PROMPT,
-            "the child survived SIGKILL for {PROMPT:?}: stuck in the read"
+            start.elapsed() < prompt(),
+            "the child survived SIGKILL for {:?}: stuck in the read",
+            prompt()
         );
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -2,8 +2,9 @@
 
 //! The test cases, grouped by theme. Names are `group.case`.
 
-use crate::harness::Test;
+use crate::harness::{scaled, Test};
 use std::io;
+use std::time::Duration;
 
 mod badinput;
 mod devmem;
@@ -30,6 +31,12 @@ pub fn all() -> Vec<&'static Test> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// How long a process or a read may take to end once nothing holds it any
+/// more: ten seconds, scaled like the per-test timeouts.
+fn prompt() -> Duration {
+    scaled(Duration::from_secs(10))
 }
 
 /// waitpid() for a child of the test itself, retried on EINTR; the

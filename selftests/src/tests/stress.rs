@@ -19,7 +19,7 @@
 
 use super::lockdrop::{fill_handler, UffdRegion, HANDLER_SEED};
 use super::ops::{Op, OPS};
-use super::reap;
+use super::{prompt, reap};
 use crate::check::pattern;
 use crate::dmirror::{errno_name, ioctl_raw, page_size, Dmirror};
 use crate::harness::{describe, Failure, Test, TestResult};
@@ -43,9 +43,6 @@ pub const TESTS: &[Test] = &[
     Test::new("stress.exit_during_ioctl", exit_during_ioctl).with_timeout(TIMEOUT_SECS),
     Test::new("stress.uffd_handler_killed", uffd_handler_killed).with_timeout(TIMEOUT_SECS),
 ];
-
-/// How long a process or a read may take to end once nothing holds it.
-const PROMPT: Duration = Duration::from_secs(10);
 
 /// The stress bounds, from the environment.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -731,7 +728,7 @@ fn close_while_uffd_waits(tally: &Tally) -> TestResult {
         );
         let _ = tx.send((res, cmd.cpages));
     });
-    let msg = r.uffd.next_event(None, PROMPT)?.ok_or("no fault")?;
+    let msg = r.uffd.next_event(None, prompt())?.ok_or("no fault")?;
     ensure!(
         rx.try_recv().is_err(),
         "the read ended before the fault was answered"
@@ -763,8 +760,8 @@ fn close_while_uffd_waits(tally: &Tally) -> TestResult {
         _ => {}
     }
     let (res, cpages) = rx
-        .recv_timeout(PROMPT)
-        .map_err(|_| format!("the read did not end within {PROMPT:?} of the answer"))?;
+        .recv_timeout(prompt())
+        .map_err(|_| format!("the read did not end within {:?} of the answer", prompt()))?;
     reader.join().map_err(|_| "reader panicked".to_string())?;
     h.stop()?;
     tally.record(Op::ReadUnlockable, &res);
@@ -839,7 +836,7 @@ fn exit_during_ioctl() -> TestResult {
             exit_child(variant, t, &budget, delay, seed);
         }
         let t = if variant == 0 { &a } else { &b };
-        let st = reap_within(pid, PROMPT, "a process exiting with ioctls in flight").map_err(
+        let st = reap_within(pid, prompt(), "a process exiting with ioctls in flight").map_err(
             |e| match e {
                 Failure::Fail(m) => Failure::Fail(format!(
                     "{m}; variant {}, phase {} (1 set up, 2 workers running, 3 at _exit), {} ioctls issued, {} returned",
@@ -857,7 +854,7 @@ fn exit_during_ioctl() -> TestResult {
             describe(st)
         );
         // Its grandchild, if any, was reparented to us.
-        reap_orphans(PROMPT)?;
+        reap_orphans(prompt())?;
         rounds[variant as usize] += 1;
     }
     // SAFETY: plain prctl.
@@ -1103,14 +1100,17 @@ fn handler_process_killed(tally: &Tally, rng: &mut Rng) -> Result<(usize, usize)
     std::thread::sleep(Duration::from_micros(rng.below(UFFD_PAGES as u64 * 1500)));
     // SAFETY: kills our handler child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let st = reap_within(pid, PROMPT, "a killed userfaultfd handler process")?;
+    let st = reap_within(pid, prompt(), "a killed userfaultfd handler process")?;
     ensure!(
         libc::WIFSIGNALED(st) || (libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0),
         "handler {}",
         describe(st)
     );
-    let res = rx.recv_timeout(PROMPT).map_err(|_| {
-        format!("READ_UNLOCKABLE did not end within {PROMPT:?} of the handler's death")
+    let res = rx.recv_timeout(prompt()).map_err(|_| {
+        format!(
+            "READ_UNLOCKABLE did not end within {:?} of the handler's death",
+            prompt()
+        )
     })?;
     reader.join().map_err(|_| "reader panicked".to_string())?;
     tally.record(Op::ReadUnlockable, &res);
@@ -1160,7 +1160,7 @@ fn reader_process_killed(tally: &Tally, rng: &mut Rng) -> TestResult {
     std::thread::sleep(kill_after);
     // SAFETY: kills our child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let st = reap_within(pid, PROMPT, "a reader process killed while a fault waits")?;
+    let st = reap_within(pid, prompt(), "a reader process killed while a fault waits")?;
     ensure!(
         libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
         "reader child {}",
