@@ -248,7 +248,7 @@ struct Raw<'a> {
 
 impl Raw<'_> {
     fn len(&self) -> usize {
-        self.args.npages as usize
+        self.args.npages
     }
 }
 
@@ -415,7 +415,7 @@ impl<'a> Collected<'a> {
 
     /// Number of pages collected (`cpages`).
     pub fn collected(&self) -> usize {
-        self.raw.args.cpages as usize
+        self.raw.args.cpages
     }
 
     /// Whether the page at `index` is mapped writable.
@@ -439,7 +439,7 @@ impl<'a> Collected<'a> {
         if index >= self.len() {
             return Err(EINVAL);
         }
-        let addr = self.raw.args.start as usize + index * PAGE_SIZE;
+        let addr = self.raw.args.start + index * PAGE_SIZE;
         // SAFETY: The VMA is locked for `'a`, and `addr` is inside it.
         let folio = unsafe {
             bindings::vma_alloc_folio_noprof(
@@ -573,7 +573,7 @@ impl Migrated<'_> {
         if !guard.only_own_migrations_since(seq) {
             return Ok(false);
         }
-        let first = (self.raw.args.start as usize) >> PAGE_SHIFT;
+        let first = self.raw.args.start >> PAGE_SHIFT;
         for index in 0..self.raw.len() {
             let src = self.raw.src[index];
             let dst = self.raw.dst[index];

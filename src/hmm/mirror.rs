@@ -24,12 +24,12 @@ struct Invalidation<'a> {
 impl Invalidation<'_> {
     /// First address of the invalidated range.
     fn start(&self) -> usize {
-        self.range.start as usize
+        self.range.start
     }
 
     /// End (exclusive) of the invalidated range.
     fn end(&self) -> usize {
-        self.range.end as usize
+        self.range.end
     }
 
     /// Whether pages of the range are being migrated by `owner`.
@@ -184,8 +184,9 @@ impl Mirror {
         let this = unsafe {
             &*kernel::container_of!(Opaque::cast_from(notifier).cast_mut(), Self, notifier)
         };
-        // SAFETY: The mm core passes a valid range for the callback's duration.
         let invalidation = Invalidation {
+            // SAFETY: The mm core passes a valid range for the callback's
+            // duration.
             range: unsafe { &*range },
         };
 

@@ -89,7 +89,7 @@ pub struct CpuFault<'a> {
 impl CpuFault<'_> {
     /// The faulting virtual address.
     pub fn address(&self) -> usize {
-        self.vmf.__bindgen_anon_1.address as usize
+        self.vmf.__bindgen_anon_1.address
     }
 
     /// Whether the page was found through a PTE (a small mapping), rather
