@@ -12,9 +12,10 @@
 #   make check       set up, build and run every test
 #   make check-debug the robustness run on the debug kernel
 #   make bench       the C and Rust modules side by side, in one VM boot
+#   make clippy      Clippy over the module with the kernel's lints
 #   make rust-analyzer   write rust-project.json for the module
 
-.PHONY: all module setup kernel kernel-debug module-debug selftests demo check check-debug bench rust-analyzer clean
+.PHONY: all module setup kernel kernel-debug module-debug selftests demo check check-debug bench clippy rust-analyzer clean
 
 all: module
 
@@ -47,6 +48,9 @@ check-debug:
 
 bench:
 	scripts/bench
+
+clippy:
+	scripts/clippy
 
 rust-analyzer:
 	scripts/build-module rust-analyzer

@@ -17,6 +17,7 @@ TOOLS_DIR=${HMM_DMIRROR_TOOLS:-/opt/rust-hmm-dmirror}
 CACHE_DIR=${HMM_DMIRROR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rust-hmm-dmirror}
 
 BINDGEN=$TOOLS_DIR/bin/bindgen
+CLIPPY_DRIVER=/usr/bin/clippy-driver
 VNG=$TOOLS_DIR/venv/bin/vng
 export LIBCLANG_PATH=/usr/lib/llvm-$LLVM_VERSION/lib
 # venv/bin goes last: vng runs its helpers from PATH, but its python3
