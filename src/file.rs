@@ -2,6 +2,22 @@
 
 //! A file open on a dmirror device: the mirror of the opener's address
 //! space, and the ioctls that read and write through it.
+//!
+//! # Loops
+//!
+//! Every loop here that faults, retries or walks a span must end, whatever
+//! the kernel answers:
+//!
+//! - each round makes progress (the next window, the next page, pages the
+//!   device can use), or the command ends with an errno: `EBUSY` when
+//!   invalidations keep undoing the work for `RANGE_TIMEOUT_MS`, or what
+//!   the fault answered;
+//! - each round that may wait or repeat first checks for a fatal signal
+//!   ([`check_fatal_signal`]) and ends with `EINTR`, so that a killed task
+//!   leaves the ioctl.
+//!
+//! A task that spins in the kernel with preemption on shows no splat: a
+//! loop that breaks this rule is an unkillable hang that nothing reports.
 
 use crate::{
     device::{copy_to_system, take_fail_alloc, Device},
@@ -202,6 +218,11 @@ impl DmirrorFile {
     /// lock. `access` gets the indices left and returns how many it could
     /// use; the rest of the span is faulted in with `request` and it goes
     /// on from there. Returns the number of fault rounds, C's `faults`.
+    ///
+    /// A fault that stored the pages can still leave `access` without
+    /// progress: an invalidation may erase them before it runs. That may
+    /// repeat for at most `RANGE_TIMEOUT_MS` before the command ends with
+    /// `EBUSY`.
     fn for_each_page(
         &self,
         span: &Span,
@@ -212,11 +233,22 @@ impl DmirrorFile {
         let mut faults = 0;
         let end = span.end >> PAGE_SHIFT;
         let mut index = span.start >> PAGE_SHIFT;
+        let mut stalled: Option<Deadline> = None;
         loop {
-            index += access(&self.mirror.lock(), index..end)?;
+            let used = access(&self.mirror.lock(), index..end)?;
+            index += used;
             if index == end {
                 return Ok(faults);
             }
+            if used > 0 {
+                stalled = None;
+            } else if stalled
+                .get_or_insert_with(|| Deadline::after_ms(RANGE_TIMEOUT_MS))
+                .has_passed()
+            {
+                return Err(EBUSY);
+            }
+            check_fatal_signal()?;
             self.fault(index << PAGE_SHIFT, span.end, request, mode)?;
             faults += 1;
         }
@@ -229,6 +261,7 @@ impl DmirrorFile {
             HmmRange::<WINDOW_PAGES>::new(&self.mirror, request, Some(self.device.owner()));
         let mut addr = start;
         while addr < end {
+            check_fatal_signal()?;
             let next = end.min(addr + WINDOW_PAGES * PAGE_SIZE);
             range.set_window(addr, next)?;
             match mode {
@@ -257,6 +290,7 @@ impl DmirrorFile {
             HmmRange::<SNAPSHOT_WINDOW_PAGES>::new(&watch, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
+            check_fatal_signal()?;
             let next = span.end.min(addr + SNAPSHOT_WINDOW_PAGES * PAGE_SIZE);
             let n = (next - addr) >> PAGE_SHIFT;
             range.set_window(addr, next)?;
@@ -298,6 +332,7 @@ impl DmirrorFile {
             let lock = MmapReadGuard::lock(&mm);
             let mut addr = span.start;
             while addr < span.end {
+                check_fatal_signal()?;
                 let (vma, next) = migration_step(&lock, addr, span.end)?;
                 let mut migration =
                     Migration::to_device(&lock, vma, addr, next, true, &self.mirror)?;
@@ -349,6 +384,7 @@ impl DmirrorFile {
         {
             let lock = MmapReadGuard::lock(&mm);
             for addr in (span.start..span.end).step_by(PAGE_SIZE) {
+                check_fatal_signal()?;
                 let page = ExclusivePage::make(&lock, addr, None)?;
                 self.mirror
                     .lock()
@@ -418,6 +454,7 @@ impl DmirrorFile {
         let mut range = HmmRange::<WINDOW_PAGES>::new(&self.mirror, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
+            check_fatal_signal()?;
             let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
             range.set_window(addr, next)?;
             retry_until_valid(&mut range, mm, |range| {
@@ -445,6 +482,7 @@ impl DmirrorFile {
         let lock = MmapReadGuard::lock(&mm);
         let mut addr = span.start;
         while addr < span.end {
+            check_fatal_signal()?;
             let (vma, next) = migration_step(&lock, addr, span.end)?;
             let mut migration =
                 Migration::to_system(&lock, vma, addr, next, true, self.device.owner())?;
@@ -567,6 +605,7 @@ fn retry_until_valid<const N: usize>(
         if deadline.has_passed() {
             return Err(EBUSY);
         }
+        check_fatal_signal()?;
         let lock = range.begin(mm)?;
         let faulted = range.fault(&lock);
         drop(lock);
@@ -590,9 +629,7 @@ fn retry_until_valid<const N: usize>(
 fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
     let mut resumed = None;
     loop {
-        if hmm::fatal_signal_pending() {
-            return Err(EINTR);
-        }
+        check_fatal_signal()?;
         let lock = match resumed.take() {
             Some(lock) => lock,
             None => range.begin(mm)?,
@@ -611,6 +648,15 @@ fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUs
             }
         }
     }
+}
+
+/// `EINTR` if a fatal signal is pending: the check at the head of every
+/// round of a loop that may wait or repeat (see [the rule](self#loops)).
+fn check_fatal_signal() -> Result {
+    if hmm::fatal_signal_pending() {
+        return Err(EINTR);
+    }
+    Ok(())
 }
 
 /// Stores a faulted window in the device page table, unless an

@@ -201,7 +201,8 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         // SAFETY: `range` points at this window's pfns (room for its pages),
         // `self.mirror`'s live notifier and the sequence `begin` took. The
         // mmap read lock of the notifier's mm is held, as `raw` checked.
-        to_result(unsafe { bindings::hmm_range_fault(&mut range) })
+        to_result(unsafe { bindings::hmm_range_fault(&mut range) })?;
+        self.check_write_granted()
     }
 
     /// `hmm_range_fault_unlockable()`: like [`fault`](Self::fault), but the
@@ -228,12 +229,46 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         // SAFETY: As in `fault`; `locked` is 1 because the lock is held.
         let ret = unsafe { bindings::hmm_range_fault_unlockable(&mut range, &mut locked) };
         if locked != 0 {
-            (to_result(ret), Some(lock))
+            (
+                to_result(ret).and_then(|()| self.check_write_granted()),
+                Some(lock),
+            )
         } else {
             // The fault handler released the lock; it must not be released twice.
             lock.forget_released();
             (to_result(ret), None)
         }
+    }
+
+    /// Fails with `EPERM` if a page asked for writable came back without
+    /// `HMM_PFN_WRITE`.
+    ///
+    /// `include/linux/hmm.h` promises that it cannot: with
+    /// `HMM_PFN_REQ_WRITE` the output has `HMM_PFN_WRITE` or
+    /// `hmm_range_fault()` fails. 7.3 breaks the promise for device-private
+    /// pages of the range's own owner, which it reports as the CPU maps
+    /// them, read-only included, without faulting. A caller that stored
+    /// such a page and faulted again when it could not write it would
+    /// fault the same entry for ever. `EPERM` is what the kernel answers
+    /// for a write to memory the CPU maps read-only.
+    fn check_write_granted(&self) -> Result {
+        let write = bindings::hmm_pfn_flags_HMM_PFN_REQ_WRITE;
+        let default = self.request.default_flags() & write;
+        if default == 0 && self.page_requests.is_none() {
+            return Ok(());
+        }
+        let count = (self.end - self.start) >> PAGE_SHIFT;
+        for (i, &raw) in self.pfns[..count].iter().enumerate() {
+            let asked = default | self.page_requests.as_ref().map_or(0, |r| r[i] & write);
+            // `HMM_PFN_REQ_WRITE` is the bit `HMM_PFN_WRITE` reports.
+            if asked != 0
+                && raw & bindings::hmm_pfn_flags_HMM_PFN_VALID != 0
+                && raw & bindings::hmm_pfn_flags_HMM_PFN_WRITE == 0
+            {
+                return Err(EPERM);
+            }
+        }
+        Ok(())
     }
 
     /// Takes the mirror's lock and returns the result of the attempt with

@@ -6,7 +6,7 @@
 //! `migrate_thp`: the other buffers are MADV_NOHUGEPAGE.
 
 use crate::check::{check_each, expect_errno};
-use crate::dmirror::{page_size, Counters, Dmirror};
+use crate::dmirror::{page_size, Counters, Dmirror, Driver};
 use crate::harness::{describe, fork_and_wait, Test, TestResult};
 use crate::mem::{self, Mapping};
 use crate::{ensure, ensure_eq};
@@ -30,6 +30,11 @@ pub const TESTS: &[Test] = &[
     Test::new("devmem.exclusive_mprotect", exclusive_mprotect),
     Test::new("devmem.exclusive_fork", exclusive_fork),
     Test::new("devmem.migrate_thp", migrate_thp),
+    Test::new("devmem.write_readonly_on_device", write_readonly_on_device),
+    Test::new(
+        "devmem.write_readonly_on_device_thp",
+        write_readonly_on_device_thp,
+    ),
 ];
 
 /// 1 MiB: 256 pages, within one migration window.
@@ -407,4 +412,81 @@ fn migrate_thp() -> TestResult {
     mem::unmap(addr, quarter)?;
     let rest = &words[quarter / 4..];
     check_each("CPU read of the rest", rest, |i| (i + quarter / 4) as u32)
+}
+
+/// WRITE of a page that the CPU maps read-only while it sits in the
+/// device's own memory: 7.3's hmm_range_fault() hands the page back
+/// read-only for a write request (instead of faulting or EPERM), and the
+/// Rust module once faulted it again for ever, unkillable. Now EPERM, as
+/// for any write to memory the CPU maps read-only; the data stays intact.
+fn write_readonly_on_device() -> TestResult {
+    skip_c_warns()?;
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    write_readonly_on_device_at(&d, buf.addr(), SIZE, 0)
+}
+
+/// The same on a THP: the device maps the whole folio read-only with a
+/// PMD, and the WRITE is of one page inside it.
+fn write_readonly_on_device_thp() -> TestResult {
+    skip_c_warns()?;
+    let d = Dmirror::open(0)?;
+    let size = mem::pmd_size();
+    let region = Mapping::rw(2 * size)?;
+    let addr = mem::align_up(region.addr(), size);
+    mem::madvise(addr, size, libc::MADV_HUGEPAGE)?;
+    // SAFETY: [addr, addr+size) lies inside region and is writable.
+    let words = unsafe { std::slice::from_raw_parts_mut(addr as *mut u32, size / 4) };
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = i as u32;
+    }
+    let snap = Mapping::rw(1)?;
+    d.snapshot(addr, snap.addr(), 1)?;
+    if snap.bytes()[0] & HMM_DMIRROR_PROT_PMD == 0 {
+        crate::skip!("no transparent huge page at {addr:#x}");
+    }
+    write_readonly_on_device_at(&d, addr, size, HMM_DMIRROR_PROT_PMD)
+}
+
+/// `[addr, addr + size)` holds its word indices: make it read-only,
+/// migrate it to device 0 (SNAPSHOT: local device pages, read-only, with
+/// `huge` set as expected), then WRITE one page in it must fail with EPERM
+/// and leave every word where it was, for the device and for the CPU.
+fn write_readonly_on_device_at(d: &Dmirror, addr: usize, size: usize, huge: u8) -> TestResult {
+    let n = npages(size);
+    mem::protect(addr, size, libc::PROT_READ)?;
+    let out = Mapping::rw(size)?;
+    let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    let snap = Mapping::rw(n)?;
+    d.snapshot(addr, snap.addr(), n)?;
+    check_each("snapshot", &snap.bytes()[..n], |_| {
+        HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_READ | huge
+    })?;
+    let page = 5 * page_size();
+    let src = Mapping::rw(page_size())?;
+    expect_errno(
+        d.write(addr + page, src.addr(), 1),
+        libc::EPERM,
+        "WRITE of a read-only device page",
+    )?;
+    let c = d.read(addr, out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each("device read after the refused write", out.words(), |i| {
+        i as u32
+    })?;
+    // SAFETY: [addr, addr+size) is mapped readable for as long as the
+    // caller's mapping lives, which outlives this borrow.
+    let words = unsafe { std::slice::from_raw_parts(addr as *const u32, size / 4) };
+    check_each("CPU read after the refused write", words, |i| i as u32)
+}
+
+/// C's driver WARNs here (`lib/test_hmm.c:296`, dmirror_do_fault: a write
+/// request answered read-only) and fails the WRITE with EFAULT; vm-run
+/// fails a run on any WARN.
+fn skip_c_warns() -> TestResult {
+    if Driver::loaded() == Driver::C {
+        crate::skip!("C WARNs at lib/test_hmm.c:296 (dmirror_do_fault) and answers EFAULT");
+    }
+    Ok(())
 }
