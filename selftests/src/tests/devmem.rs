@@ -385,20 +385,12 @@ fn exclusive_fork() -> TestResult {
 fn migrate_thp() -> TestResult {
     let d = Dmirror::open(0)?;
     let size = mem::pmd_size();
-    let region = Mapping::rw(2 * size)?;
-    let addr = mem::align_up(region.addr(), size);
-    mem::madvise(addr, size, libc::MADV_HUGEPAGE)?;
-    // SAFETY: [addr, addr+size) lies inside region and is writable.
-    let words = unsafe { std::slice::from_raw_parts_mut(addr as *mut u32, size / 4) };
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = i as u32;
-    }
+    let (_region, addr) = thp_buffer(&d)?;
+    // SAFETY: [addr, addr+size) lies inside _region, mapped readable;
+    // only the part left mapped is read after the munmap below.
+    let words = unsafe { std::slice::from_raw_parts(addr as *const u32, size / 4) };
     let n = npages(size);
     let snap = Mapping::rw(n)?;
-    d.snapshot(addr, snap.addr(), n)?;
-    if snap.bytes()[0] & HMM_DMIRROR_PROT_PMD == 0 {
-        crate::skip!("no transparent huge page at {addr:#x}");
-    }
     let out = Mapping::rw(size)?;
     let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n)?;
     ensure_eq!(c.cpages, n as u64);
@@ -431,6 +423,13 @@ fn write_readonly_on_device() -> TestResult {
 fn write_readonly_on_device_thp() -> TestResult {
     skip_c_warns()?;
     let d = Dmirror::open(0)?;
+    let (_region, addr) = thp_buffer(&d)?;
+    write_readonly_on_device_at(&d, addr, mem::pmd_size(), HMM_DMIRROR_PROT_PMD)
+}
+
+/// A PMD-sized, PMD-aligned THP whose words hold their index: the mapping
+/// that holds it and its address. Skips when the kernel gave small pages.
+fn thp_buffer(d: &Dmirror) -> Result<(Mapping, usize), crate::harness::Failure> {
     let size = mem::pmd_size();
     let region = Mapping::rw(2 * size)?;
     let addr = mem::align_up(region.addr(), size);
@@ -445,7 +444,7 @@ fn write_readonly_on_device_thp() -> TestResult {
     if snap.bytes()[0] & HMM_DMIRROR_PROT_PMD == 0 {
         crate::skip!("no transparent huge page at {addr:#x}");
     }
-    write_readonly_on_device_at(&d, addr, size, HMM_DMIRROR_PROT_PMD)
+    Ok((region, addr))
 }
 
 /// `[addr, addr + size)` holds its word indices: make it read-only,
