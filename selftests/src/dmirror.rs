@@ -7,26 +7,6 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
-/// Which driver serves the dmirror devices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Driver {
-    /// The C reference, `lib/test_hmm.ko`.
-    C,
-    /// `rust_hmm_dmirror.ko`.
-    Rust,
-}
-
-impl Driver {
-    /// The driver loaded now: C when `test_hmm` is, Rust otherwise.
-    pub fn loaded() -> Driver {
-        if std::path::Path::new("/sys/module/test_hmm").exists() {
-            Driver::C
-        } else {
-            Driver::Rust
-        }
-    }
-}
-
 /// A mirror of this process's address space: one open of a dmirror device.
 pub struct Dmirror {
     fd: OwnedFd,

@@ -245,12 +245,13 @@ impl<'m, const N: usize> HmmRange<'m, N> {
     ///
     /// `include/linux/hmm.h` promises that it cannot: with
     /// `HMM_PFN_REQ_WRITE` the output has `HMM_PFN_WRITE` or
-    /// `hmm_range_fault()` fails. 7.3 breaks the promise for device-private
-    /// pages of the range's own owner, which it reports as the CPU maps
-    /// them, read-only included, without faulting. A caller that stored
-    /// such a page and faulted again when it could not write it would
-    /// fault the same entry for ever. `EPERM` is what the kernel answers
-    /// for a write to memory the CPU maps read-only.
+    /// `hmm_range_fault()` fails. Plain 7.3 broke the promise for
+    /// device-private pages of the range's own owner, which it reported as
+    /// the CPU maps them, read-only included, without faulting (fixed by
+    /// patch 0004). A caller that stored such a page and faulted again
+    /// when it could not write it would fault the same entry for ever, so
+    /// the range keeps the promise itself. `EPERM` is what the kernel
+    /// answers for a write to memory the CPU maps read-only.
     fn check_write_granted(&self) -> Result {
         let write = bindings::hmm_pfn_flags_HMM_PFN_REQ_WRITE;
         let default = self.request.default_flags() & write;

@@ -6,7 +6,7 @@
 //! `migrate_thp`: the other buffers are MADV_NOHUGEPAGE.
 
 use crate::check::{check_each, expect_errno};
-use crate::dmirror::{page_size, Counters, Dmirror, Driver};
+use crate::dmirror::{page_size, Counters, Dmirror};
 use crate::harness::{describe, fork_and_wait, Test, TestResult};
 use crate::mem::{self, Mapping};
 use crate::{ensure, ensure_eq};
@@ -35,6 +35,8 @@ pub const TESTS: &[Test] = &[
         "devmem.write_readonly_on_device_thp",
         write_readonly_on_device_thp,
     ),
+    Test::new("devmem.write_after_fork", write_after_fork),
+    Test::new("devmem.write_after_fork_thp", write_after_fork_thp),
 ];
 
 /// 1 MiB: 256 pages, within one migration window.
@@ -407,12 +409,12 @@ fn migrate_thp() -> TestResult {
 }
 
 /// WRITE of a page that the CPU maps read-only while it sits in the
-/// device's own memory: 7.3's hmm_range_fault() hands the page back
-/// read-only for a write request (instead of faulting or EPERM), and the
-/// Rust module once faulted it again for ever, unkillable. Now EPERM, as
-/// for any write to memory the CPU maps read-only; the data stays intact.
+/// device's own memory: EPERM, as for any write to memory the CPU maps
+/// read-only, and the data stays intact. 7.3's hmm_range_fault() handed
+/// the page back read-only for the write request (patch 0004 fixes it):
+/// the Rust module faulted it again for ever, unkillable (issue 19), and
+/// C WARNed at lib/test_hmm.c:296.
 fn write_readonly_on_device() -> TestResult {
-    skip_c_warns()?;
     let d = Dmirror::open(0)?;
     let buf = buffer(SIZE)?;
     write_readonly_on_device_at(&d, buf.addr(), SIZE, 0)
@@ -421,7 +423,6 @@ fn write_readonly_on_device() -> TestResult {
 /// The same on a THP: the device maps the whole folio read-only with a
 /// PMD, and the WRITE is of one page inside it.
 fn write_readonly_on_device_thp() -> TestResult {
-    skip_c_warns()?;
     let d = Dmirror::open(0)?;
     let (_region, addr) = thp_buffer(&d)?;
     write_readonly_on_device_at(&d, addr, mem::pmd_size(), HMM_DMIRROR_PROT_PMD)
@@ -480,12 +481,46 @@ fn write_readonly_on_device_at(d: &Dmirror, addr: usize, size: usize, huge: u8) 
     check_each("CPU read after the refused write", words, |i| i as u32)
 }
 
-/// C's driver WARNs here (`lib/test_hmm.c:296`, dmirror_do_fault: a write
-/// request answered read-only) and fails the WRITE with EFAULT; vm-run
-/// fails a run on any WARN.
-fn skip_c_warns() -> TestResult {
-    if Driver::loaded() == Driver::C {
-        crate::skip!("C WARNs at lib/test_hmm.c:296 (dmirror_do_fault) and answers EFAULT");
+/// WRITE through the device after fork() made the device pages
+/// copy-on-write: the write faults them back and breaks COW, and the CPU
+/// sees what the device wrote. Patch 0004: 7.3 handed the pages back
+/// read-only (the Rust module answered EPERM, C WARNed).
+fn write_after_fork() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    write_after_fork_at(&d, buf.addr(), SIZE, 0)
+}
+
+/// The same on a THP in device memory, one device-private PMD.
+fn write_after_fork_thp() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let (_region, addr) = thp_buffer(&d)?;
+    write_after_fork_at(&d, addr, mem::pmd_size(), HMM_DMIRROR_PROT_PMD)
+}
+
+/// `[addr, addr + size)` holds its word indices: migrate it to device 0,
+/// fork a child that exits at once (SNAPSHOT: the device pages are now
+/// read-only, with `huge` set as expected), then WRITE all of it through
+/// the device and read it back through the CPU.
+fn write_after_fork_at(d: &Dmirror, addr: usize, size: usize, huge: u8) -> TestResult {
+    let n = npages(size);
+    let mut out = Mapping::rw(size)?;
+    let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    let status = fork_and_wait(|| Ok(()))?;
+    ensure!(status == 0, "child {}", describe(status));
+    let snap = Mapping::rw(n)?;
+    d.snapshot(addr, snap.addr(), n)?;
+    check_each("snapshot after fork", &snap.bytes()[..n], |_| {
+        HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_READ | huge
+    })?;
+    for (i, w) in out.words_mut().iter_mut().enumerate() {
+        *w = !(i as u32);
     }
-    Ok(())
+    let c = d.write(addr, out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    // SAFETY: [addr, addr+size) is mapped readable for as long as the
+    // caller's mapping lives, which outlives this borrow.
+    let words = unsafe { std::slice::from_raw_parts(addr as *const u32, size / 4) };
+    check_each("CPU read of the device's write", words, |i| !(i as u32))
 }
