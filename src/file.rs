@@ -14,7 +14,9 @@
 //!   the fault answered;
 //! - each round that may wait or repeat first checks for a fatal signal
 //!   ([`check_fatal_signal`]) and ends with `EINTR`, so that a killed task
-//!   leaves the ioctl.
+//!   leaves the ioctl. [`retry_until_valid`] and [`fault_window_unlockable`]
+//!   check at the head of every attempt, so a loop whose every round goes
+//!   through one of them needs no check of its own.
 //!
 //! A task that spins in the kernel with preemption on shows no splat: a
 //! loop that breaks this rule is an unkillable hang that nothing reports.
@@ -248,7 +250,6 @@ impl DmirrorFile {
             {
                 return Err(EBUSY);
             }
-            check_fatal_signal()?;
             self.fault(index << PAGE_SHIFT, span.end, request, mode)?;
             faults += 1;
         }
@@ -261,7 +262,6 @@ impl DmirrorFile {
             HmmRange::<WINDOW_PAGES>::new(&self.mirror, request, Some(self.device.owner()));
         let mut addr = start;
         while addr < end {
-            check_fatal_signal()?;
             let next = end.min(addr + WINDOW_PAGES * PAGE_SIZE);
             range.set_window(addr, next)?;
             match mode {
@@ -290,7 +290,6 @@ impl DmirrorFile {
             HmmRange::<SNAPSHOT_WINDOW_PAGES>::new(&watch, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
-            check_fatal_signal()?;
             let next = span.end.min(addr + SNAPSHOT_WINDOW_PAGES * PAGE_SIZE);
             let n = (next - addr) >> PAGE_SHIFT;
             range.set_window(addr, next)?;
@@ -454,7 +453,6 @@ impl DmirrorFile {
         let mut range = HmmRange::<WINDOW_PAGES>::new(&self.mirror, Request::Snapshot, Some(owner));
         let mut addr = span.start;
         while addr < span.end {
-            check_fatal_signal()?;
             let next = span.end.min(addr + WINDOW_PAGES * PAGE_SIZE);
             range.set_window(addr, next)?;
             retry_until_valid(&mut range, mm, |range| {
