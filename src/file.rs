@@ -242,7 +242,10 @@ impl DmirrorFile {
             if index == end {
                 return Ok(faults);
             }
-            if used > 0 {
+            // The clock starts at the first round a fault left without
+            // progress, so a long fault (a slow userfaultfd handler) does
+            // not count against it.
+            if used > 0 || faults == 0 {
                 stalled = None;
             } else if stalled
                 .get_or_insert_with(|| Deadline::after_ms(RANGE_TIMEOUT_MS))
