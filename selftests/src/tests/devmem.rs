@@ -26,6 +26,11 @@ pub const TESTS: &[Test] = &[
     Test::new("devmem.release_evicts", release_evicts),
     Test::new("devmem.close_evicts", close_evicts),
     Test::new("devmem.other_device_faults_back", other_device_faults_back),
+    Test::new(
+        "devmem.refault_after_remote_migration",
+        refault_after_remote_migration,
+    ),
+    Test::new("devmem.refault_after_mprotect", refault_after_mprotect),
     Test::new("devmem.exclusive", exclusive),
     Test::new("devmem.exclusive_mprotect", exclusive_mprotect),
     Test::new("devmem.exclusive_fork", exclusive_fork),
@@ -313,6 +318,66 @@ fn other_device_faults_back() -> TestResult {
     ensure_eq!(c.cpages, npages(SIZE) as u64);
     check_each("device 1 read", out1.words(), |i| i as u32)?;
     check_on_device(&d0, &buf, false)
+}
+
+/// Device 1 migrating pages that sit in device 0's memory moves none of
+/// them (`ENOENT`), but its invalidation erases device 0's mirror of
+/// them. Device 0's READ and WRITE must then fault its own pages back
+/// into its mirror and reach their data. C's dmirror_do_fault() mirrored
+/// the device-private pages themselves and copied through their
+/// (nonexistent) kernel mapping: an Oops, fixed by patches/0005.
+fn refault_after_remote_migration() -> TestResult {
+    let d0 = Dmirror::open(0)?;
+    let d1 = Dmirror::open(1)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d0, &buf, &out)?;
+    let erase = || {
+        expect_errno(
+            migrate_to_dev(&d1, &buf, &out),
+            libc::ENOENT,
+            "device 1 migrating device 0's pages",
+        )
+    };
+    erase()?;
+    check_on_device(&d0, &buf, true)?;
+    refault_read(&d0, &buf)?;
+    erase()?;
+    refault_write(&d0, &buf)
+}
+
+/// The same after mprotect() erased the mirror: READ on the read-only
+/// pages, then WRITE once they are writable again.
+fn refault_after_mprotect() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    buf.protect(libc::PROT_READ)?;
+    check_on_device(&d, &buf, true)?;
+    refault_read(&d, &buf)?;
+    buf.protect(RW)?;
+    refault_write(&d, &buf)
+}
+
+/// READ of `buf`, whose words hold their index, through `d`.
+fn refault_read(d: &Dmirror, buf: &Mapping) -> TestResult {
+    let out = Mapping::rw(buf.len())?;
+    let c = d.read(buf.addr(), out.addr(), npages(buf.len()))?;
+    ensure_eq!(c.cpages, npages(buf.len()) as u64);
+    check_each("device read", out.words(), |i| i as u32)
+}
+
+/// WRITE of new words over `buf` through `d`: the CPU reads them back.
+fn refault_write(d: &Dmirror, buf: &Mapping) -> TestResult {
+    let new = |i: usize| !(i as u32);
+    let mut src = Mapping::rw(buf.len())?;
+    for (i, w) in src.words_mut().iter_mut().enumerate() {
+        *w = new(i);
+    }
+    let c = d.write(buf.addr(), src.addr(), npages(buf.len()))?;
+    ensure_eq!(c.cpages, npages(buf.len()) as u64);
+    check_each("CPU read after the device's write", buf.words(), new)
 }
 
 /// EXCLUSIVE gives the device atomic access; a CPU access takes it back.
