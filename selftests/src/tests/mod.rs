@@ -8,6 +8,7 @@ use std::time::Duration;
 
 mod badinput;
 mod devmem;
+mod fuzz;
 mod hostile;
 mod lockdrop;
 mod lockdrop_race;
@@ -26,6 +27,7 @@ pub fn all() -> Vec<&'static Test> {
         lockdrop::TESTS,
         lockdrop_race::TESTS,
         hostile::TESTS,
+        fuzz::TESTS,
         stress::TESTS,
     ]
     .into_iter()
