@@ -135,6 +135,17 @@ impl Mirror {
         unsafe { Mm::from_raw((*self.notifier.get()).mm) }
     }
 
+    /// Whether `[start, end)` (not empty) lies inside the mirrored interval.
+    pub fn covers(&self, start: usize, end: usize) -> bool {
+        // SAFETY: By the type invariant the notifier is inserted; its
+        // interval is set before insertion and never changes after.
+        let (first, last) = unsafe {
+            let node = &raw const (*self.notifier.get()).interval_tree;
+            ((*node).start, (*node).last)
+        };
+        start < end && start as c_ulong >= first && (end - 1) as c_ulong <= last
+    }
+
     /// Starts a read of the address space: waits for running invalidations
     /// to end and returns the sequence to check the result against.
     ///

@@ -52,6 +52,10 @@ pub struct HmmRange<'m, const N: usize> {
     request: Request,
     owner: Option<Owner>,
     seq: Option<Seq>,
+    /// The sequence under which a fault filled every entry of the window
+    /// and succeeded; `None` while the entries may be stale, partly
+    /// written or still hold the per-page requests.
+    filled: Option<Seq>,
     pfns: [c_ulong; N],
     /// Per-page requests on top of `request`, if any (`pfn_flags_mask`).
     page_requests: Option<[c_ulong; N]>,
@@ -72,6 +76,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
             request,
             owner,
             seq: None,
+            filled: None,
             pfns: [0; N],
             page_requests: None,
             done: 0,
@@ -79,18 +84,21 @@ impl<'m, const N: usize> HmmRange<'m, N> {
     }
 
     /// Moves the window to `[start, end)`: page aligned, not empty, at most
-    /// `N` pages.
+    /// `N` pages, inside the mirror's interval (invalidations outside it
+    /// would not reach the mirror).
     pub fn set_window(&mut self, start: usize, end: usize) -> Result {
         if start % PAGE_SIZE != 0
             || end % PAGE_SIZE != 0
             || start >= end
             || (end - start) / PAGE_SIZE > N
+            || !self.mirror.covers(start, end)
         {
             return Err(EINVAL);
         }
         self.start = start;
         self.end = end;
         self.seq = None;
+        self.filled = None;
         self.page_requests = None;
         self.done = 0;
         Ok(())
@@ -126,6 +134,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         }
         // Before the mmap lock: `read_begin` may wait for invalidations.
         self.seq = Some(self.mirror.read_begin());
+        self.filled = None;
         self.done = 0;
         MmapReadGuard::lock_killable(mm)
     }
@@ -163,6 +172,8 @@ impl<'m, const N: usize> HmmRange<'m, N> {
 
     fn raw(&mut self, lock: &MmapReadGuard<'_>) -> Result<bindings::hmm_range> {
         let seq = self.seq.ok_or(EINVAL)?;
+        // The entries are about to be rewritten, maybe in part.
+        self.filled = None;
         if self.start + self.done * PAGE_SIZE >= self.end
             || !core::ptr::eq(lock.mm().as_raw(), self.mirror.mm().as_raw())
         {
@@ -202,7 +213,9 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         // `self.mirror`'s live notifier and the sequence `begin` took. The
         // mmap read lock of the notifier's mm is held, as `raw` checked.
         to_result(unsafe { bindings::hmm_range_fault(&mut range) })?;
-        self.check_write_granted()
+        self.check_write_granted()?;
+        self.filled = self.seq;
+        Ok(())
     }
 
     /// `hmm_range_fault_unlockable()`: like [`fault`](Self::fault), but the
@@ -229,10 +242,13 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         // SAFETY: As in `fault`; `locked` is 1 because the lock is held.
         let ret = unsafe { bindings::hmm_range_fault_unlockable(&mut range, &mut locked) };
         if locked != 0 {
-            (
-                to_result(ret).and_then(|()| self.check_write_granted()),
-                Some(lock),
-            )
+            let result = to_result(ret).and_then(|()| self.check_write_granted());
+            if result.is_ok() {
+                // The pages before `done` were filled under the same
+                // sequence, by the attempt this one resumed.
+                self.filled = self.seq;
+            }
+            (result, Some(lock))
         } else {
             // The fault handler released the lock; it must not be released twice.
             lock.forget_released();
@@ -273,19 +289,30 @@ impl<'m, const N: usize> HmmRange<'m, N> {
     }
 
     /// Takes the mirror's lock and returns the result of the attempt with
-    /// it, unless an invalidation hit the mirror since [`begin`](Self::begin).
+    /// it, unless an invalidation hit the mirror since [`begin`](Self::begin),
+    /// or no fault of this attempt succeeded over the whole window.
     pub fn lock_if_valid(&self) -> Option<LockedRange<'_, 'm, N>> {
-        let seq = self.seq?;
+        let seq = self.filled?;
         let guard = self.mirror.lock();
         if guard.has_changed(seq) {
             return None;
         }
+        // INVARIANT: A fault filled every entry of the window under `seq`
+        // and the mirror, whose interval holds the window, saw no
+        // invalidation since; its lock, held by `guard`, keeps one from
+        // completing until the `LockedRange` is dropped.
         Some(LockedRange { range: self, guard })
     }
 }
 
 /// The output of a successful attempt, with the mirror's lock that keeps
 /// it valid.
+///
+/// # Invariants
+///
+/// Every entry of `range`'s window was written by a fault that succeeded
+/// under a sequence that `guard`'s mirror has not invalidated, and the
+/// window lies inside the mirror's interval.
 pub struct LockedRange<'r, 'm, const N: usize> {
     range: &'r HmmRange<'m, N>,
     guard: MirrorGuard<'m>,
@@ -307,6 +334,10 @@ impl<const N: usize> LockedRange<'_, '_, N> {
             .map(move |(i, &raw)| {
                 (
                     first + i,
+                    // INVARIANT: By the type invariant, `raw` is an output
+                    // entry that no invalidation has touched, under the
+                    // mirror's lock borrowed for `'_`: a VALID one names a
+                    // page the CPU maps, so one still allocated.
                     ValidPfn {
                         raw: huge_entry_at(raw, first + i),
                         _lock: PhantomData,
