@@ -262,15 +262,21 @@ impl DevicePageTable {
         indices: Range<usize>,
         dst: &mut Vec<u8, A>,
     ) -> Result<usize> {
-        if dst.spare_capacity_mut().len() < indices.len() * PAGE_SIZE {
+        let need = indices.len().checked_mul(PAGE_SIZE).ok_or(EINVAL)?;
+        if dst.spare_capacity_mut().len() < need {
             return Err(ENOMEM);
         }
         Ok(self.for_each_mapped(indices, |page, _| {
             let spare = dst.spare_capacity_mut();
+            // Checked above for the whole range; checked again here so
+            // that the copy's bound does not rest on the walk's.
+            if spare.len() < PAGE_SIZE {
+                return false;
+            }
             // SAFETY: By the type invariant `page` is allocated while it is
             // in the table, and the caller's borrow of the table holds the
             // lock that erasing takes. `spare` has room for `PAGE_SIZE`
-            // bytes, checked above for every page.
+            // bytes, checked just above.
             unsafe {
                 bindings::memcpy_from_page(spare.as_mut_ptr().cast(), page.as_ptr(), 0, PAGE_SIZE)
             };
