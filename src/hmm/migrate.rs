@@ -19,11 +19,13 @@
 //! 4. Dropping the [`Migrated`] (or [`Migrated::finalize`]):
 //!    `migrate_vma_finalize()` maps the new pages, or the old ones back.
 //!
-//! Dropping a [`Collected`] finalizes too, which restores every page: an
-//! error path cannot leave migration entries behind.
+//! Dropping a [`Collected`] releases the destinations set so far and
+//! finalizes too, which restores every page: an error path cannot leave
+//! migration entries behind, nor map a destination that
+//! `migrate_vma_pages()` never checked.
 
 use super::{
-    pagemap::{DevicePage, DevicePageRef, Pagemap, FOLIO_ORDER, GFP_HIGHUSER_MOVABLE},
+    pagemap::{DevicePage, DevicePageRef, Pagemap, FOLIO_ORDER, FOLIO_PAGES, GFP_HIGHUSER_MOVABLE},
     CpuFault, Mirror, MirrorGuard, MirroredAccess, MmapReadGuard, Owner, Seq,
 };
 use core::{marker::PhantomData, ptr::NonNull};
@@ -236,11 +238,13 @@ pub enum Destination {
 /// `migrate_vma_setup()` succeeded on `args`, whose `src` and `dst` point
 /// into `src` and `dst` (of `args.npages` entries each), and
 /// `migrate_vma_finalize()` has not run yet. Every `dst` entry is zero or
-/// a page whose lock and reference the migration owns.
+/// a page whose lock and reference the migration owns. `pages_moved` is
+/// whether `migrate_vma_pages()` has run.
 struct Raw<'a> {
     args: bindings::migrate_vma,
     src: KVVec<c_ulong>,
     dst: KVVec<c_ulong>,
+    pages_moved: bool,
     /// The mirror a migration to the device is for.
     mirror: Option<&'a Mirror>,
     _vma: PhantomData<&'a VmaRef>,
@@ -250,12 +254,37 @@ impl Raw<'_> {
     fn len(&self) -> usize {
         self.args.npages
     }
+
+    /// Gives back the destination at `index`, if any, and clears it.
+    fn release_destination(&mut self, index: usize) {
+        let entry = core::mem::take(&mut self.dst[index]);
+        // SAFETY: Decoding a `migrate_pfn` entry.
+        let page = unsafe { bindings::migrate_pfn_to_page(entry) };
+        if page.is_null() {
+            return;
+        }
+        // SAFETY: By the type invariant the migration owned the page's lock
+        // and reference; `dst` no longer names it.
+        unsafe { bindings::unlock_page(page) };
+        // SAFETY: As for the lock, the reference is ours to drop.
+        unsafe { bindings::put_page(page) };
+    }
 }
 
 impl Drop for Raw<'_> {
     fn drop(&mut self) {
+        if !self.pages_moved {
+            // Without `migrate_vma_pages()`, finalize would map every
+            // destination whose source is still marked MIGRATE in place of
+            // the source, unchecked (mm/migrate_device.c). Give them back
+            // instead, as finalize does for the pages that did not move.
+            for index in 0..self.dst.len() {
+                self.release_destination(index);
+            }
+        }
         // SAFETY: By the type invariant the migration is set up and not
-        // finalized; the VMA is still locked for `'a`.
+        // finalized; the VMA is still locked for `'a`. Every `dst` entry is
+        // zero, or went through `migrate_vma_pages()`.
         unsafe { bindings::migrate_vma_finalize(&mut self.args) };
     }
 }
@@ -389,6 +418,7 @@ impl Migration {
                 args,
                 src,
                 dst,
+                pages_moved: false,
                 mirror: None,
                 _vma: PhantomData,
             },
@@ -489,44 +519,69 @@ impl<'a> Collected<'a> {
     /// writable in the CPU page table if `writable`. A large folio moves a
     /// compound entry whole; small pages at a compound entry and the ones
     /// after it split the source folio. A destination given twice replaces
-    /// the first, which is released.
+    /// the first, which is released. A large folio at an entry that is not
+    /// compound is `EINVAL`: the core would move it over pages that are
+    /// not the migration's.
     pub fn set_destination(&mut self, index: usize, page: Destination, writable: bool) -> Result {
-        if index >= self.len() {
+        let large = match &page {
+            Destination::Device(page) => page.is_large(),
+            Destination::System(page) => page.is_large(),
+        };
+        if index >= self.len() || (large && !self.is_compound(index)) {
             return Err(EINVAL);
         }
-        let (raw, large) = match page {
-            Destination::Device(page) => {
-                let large = page.is_large();
-                (page.into_raw(), large)
-            }
-            Destination::System(page) => {
-                let large = page.is_large();
-                (page.into_raw(), large)
-            }
+        let raw = match page {
+            Destination::Device(page) => page.into_raw(),
+            Destination::System(page) => page.into_raw(),
         };
-        let old = self.raw.dst[index];
-        // SAFETY: `raw` is a page we own (locked, referenced).
+        self.raw.release_destination(index);
+        // INVARIANT: `raw` is a page we own (locked, referenced), handed to
+        // the migration.
+        // SAFETY: `raw` is a live page.
         self.raw.dst[index] = unsafe { bindings::migrate_pfn(bindings::page_to_pfn(raw)) }
             | if writable { PFN_WRITE } else { 0 }
             | if large { PFN_COMPOUND } else { 0 };
-        // SAFETY: Decoding a `migrate_pfn` entry.
-        let old = unsafe { bindings::migrate_pfn_to_page(old) };
-        if !old.is_null() {
-            // SAFETY: By the type invariant of `Raw`, the migration owned
-            // its lock and reference; it no longer refers to it.
-            unsafe {
-                bindings::unlock_page(old);
-                bindings::put_page(old);
-            }
-        }
         Ok(())
+    }
+
+    /// A compound hole given a small destination is filled page by page,
+    /// and `migrate_vma_pages()` then needs a destination for every page
+    /// of it (it follows a null page otherwise, mm/migrate_device.c).
+    /// Releases the destinations of a hole left partly filled: it stays a
+    /// hole.
+    fn release_partial_holes(&mut self) {
+        let len = self.len();
+        let mut index = 0;
+        while index < len {
+            let (src, dst) = (self.raw.src[index], self.raw.dst[index]);
+            // SAFETY: Decoding a `migrate_pfn` entry.
+            let hole = unsafe { bindings::migrate_pfn_to_page(src) }.is_null();
+            if !(hole && src & PFN_MIGRATE != 0 && src & PFN_COMPOUND != 0)
+                || dst == 0
+                || dst & PFN_COMPOUND != 0
+            {
+                index += 1;
+                continue;
+            }
+            let end = len.min(index + FOLIO_PAGES);
+            if self.raw.dst[index..end].contains(&0) {
+                for i in index..end {
+                    self.raw.release_destination(i);
+                }
+            }
+            index = end;
+        }
     }
 
     /// Moves the collected pages to their destinations
     /// (`migrate_vma_pages()`). Pages without a destination stay.
     pub fn pages(mut self) -> Migrated<'a> {
+        self.release_partial_holes();
         // SAFETY: Set up and not finalized, by the type invariant of `Raw`.
+        // No compound hole has small destinations with gaps among them.
         unsafe { bindings::migrate_vma_pages(&mut self.raw.args) };
+        // INVARIANT: `migrate_vma_pages()` has run.
+        self.raw.pages_moved = true;
         Migrated { raw: self.raw }
     }
 }
