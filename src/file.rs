@@ -24,9 +24,9 @@
 use crate::{
     device::{copy_to_system, take_fail_alloc, Device},
     hmm::{
-        self, Collected, Deadline, Destination, DevicePageTable, ExclusivePage, HmmRange,
-        Migration, Mirror, MmapReadGuard, Owner, PageKind, PoolAllocator, Request, Source,
-        ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
+        self, Collected, Deadline, Destination, DevicePage, DevicePageTable, ExclusivePage,
+        HmmRange, Migration, Mirror, MmapReadGuard, Owner, PageKind, PoolAllocator, Request,
+        Source, ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -108,6 +108,9 @@ pub(crate) struct DmirrorFile {
     mirror: Mirror,
     /// `HMM_DMIRROR_FLAGS`, consumed by migrations.
     flags: AtomicU64,
+    /// Device memory allocations until the one that
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH` fails, counting it; 0: none.
+    fail_countdown: AtomicU64,
 }
 
 #[vtable]
@@ -123,6 +126,7 @@ impl MiscDevice for DmirrorFile {
                 device,
                 mirror <- Mirror::new(mm, 0, usize::MAX & !(PAGE_SIZE - 1)),
                 flags: AtomicU64::new(0),
+                fail_countdown: AtomicU64::new(0),
             }),
             GFP_KERNEL,
         )
@@ -145,7 +149,7 @@ impl MiscDevice for DmirrorFile {
             HMM_DMIRROR_WRITE => me.write(&mut cmd, &span)?,
             HMM_DMIRROR_SNAPSHOT => me.snapshot(&mut cmd, &span)?,
             HMM_DMIRROR_CHECK_EXCLUSIVE => me.check_exclusive(&span)?,
-            HMM_DMIRROR_FLAGS => me.flags.store(cmd.npages, Ordering::Relaxed),
+            HMM_DMIRROR_FLAGS => me.set_flags(cmd.npages),
             HMM_DMIRROR_MIGRATE_TO_DEV => me.migrate_to_device(&mut cmd, &span)?,
             HMM_DMIRROR_MIGRATE_TO_SYS => me.migrate_to_system(&mut cmd, &span)?,
             // Coherent devices have no device memory here yet.
@@ -396,6 +400,36 @@ impl DmirrorFile {
         self.read_mapped(cmd, span)
     }
 
+    /// FLAGS: C's flags, plus this module's `FLAG_FAIL_ALLOC_NTH`.
+    fn set_flags(&self, flags: u64) {
+        let nth = match flags & HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH {
+            0 => 0,
+            _ => hmm_dmirror_fail_alloc_nth_of(flags),
+        };
+        self.fail_countdown.store(nth, Ordering::Relaxed);
+        self.flags.store(flags, Ordering::Relaxed);
+    }
+
+    /// Counts one device memory allocation: whether
+    /// `FLAG_FAIL_ALLOC_NTH` makes it fail.
+    fn nth_alloc_fails(&self) -> bool {
+        self.fail_countdown
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            == Ok(1)
+    }
+
+    /// A device page, or a large folio with `large`, unless an injected
+    /// failure says no.
+    fn alloc_device(&self, allocator: &mut PoolAllocator<'_>, large: bool) -> Result<DevicePage> {
+        if self.nth_alloc_fails() {
+            return Err(ENOMEM);
+        }
+        match large {
+            true => allocator.alloc_folio(),
+            false => allocator.alloc_page(),
+        }
+    }
+
     /// Gives the page (or large folio, or hole) at `index` of `migration`
     /// device memory with its data (C's `dmirror_migrate_alloc_and_copy`):
     /// a large device folio for a large one, small pages when there is
@@ -415,12 +449,9 @@ impl DmirrorFile {
             _ => return Ok(()),
         };
         let failed = take_fail_alloc(&self.flags);
-        let first = if failed {
-            None
-        } else if compound {
-            allocator.alloc_folio().ok()
-        } else {
-            allocator.alloc_page().ok()
+        let first = match failed {
+            true => None,
+            false => self.alloc_device(allocator, compound).ok(),
         };
         let pages = match first {
             // The common case, without a vector: `src` borrows `migration`
@@ -434,7 +465,7 @@ impl DmirrorFile {
                 let nr = FOLIO_PAGES.min(migration.len() - index);
                 let mut pages = KVec::with_capacity(nr, GFP_KERNEL)?;
                 for i in 0..nr {
-                    let Ok(mut page) = allocator.alloc_page() else {
+                    let Ok(mut page) = self.alloc_device(allocator, false) else {
                         break;
                     };
                     page.copy_from_system_at(src.as_ref(), i);

@@ -40,6 +40,16 @@ struct hmm_dmirror_cmd {
 #define HMM_DMIRROR_READ_UNLOCKABLE	HMM_DMIRROR_READ_UNLOCKED
 
 #define HMM_DMIRROR_FLAG_FAIL_ALLOC	(1ULL << 0)
+/*
+ * This module's test extension, not in lib/test_hmm.c (whose FLAGS ignores
+ * it): the Nth device memory allocation of migrations to the device after
+ * FLAGS fails, once. N is HMM_DMIRROR_FAIL_ALLOC_NTH(flags), from 1; 0
+ * fails none.
+ */
+#define HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH	(1ULL << 1)
+#define HMM_DMIRROR_FAIL_ALLOC_NTH_SHIFT	16
+#define HMM_DMIRROR_FAIL_ALLOC_NTH(flags)	\
+	(((flags) >> HMM_DMIRROR_FAIL_ALLOC_NTH_SHIFT) & 0xffff)
 
 /* Values written to the buffer at hmm_dmirror_cmd.ptr by HMM_DMIRROR_SNAPSHOT. */
 enum {

@@ -102,6 +102,22 @@ pub const HMM_DMIRROR_READ_UNLOCKABLE: u32 = HMM_DMIRROR_READ_UNLOCKED;
 
 /// `HMM_DMIRROR_FLAGS` bit: the next migration fails its first allocation.
 pub const HMM_DMIRROR_FLAG_FAIL_ALLOC: u64 = 1 << 0;
+/// `HMM_DMIRROR_FLAGS` bit, this module's test extension (C ignores it):
+/// the Nth device memory allocation of migrations to the device after
+/// FLAGS fails, once; N is in bits 16-31, from 1 (0: none).
+pub const HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH: u64 = 1 << 1;
+/// Where N sits in the flags of [`HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH`].
+pub const HMM_DMIRROR_FAIL_ALLOC_NTH_SHIFT: u32 = 16;
+
+/// The flags that make allocation `n` (from 1) fail.
+pub const fn hmm_dmirror_fail_alloc_nth(n: u16) -> u64 {
+    HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH | ((n as u64) << HMM_DMIRROR_FAIL_ALLOC_NTH_SHIFT)
+}
+
+/// N of [`HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH`] in `flags` (`HMM_DMIRROR_FAIL_ALLOC_NTH()`).
+pub const fn hmm_dmirror_fail_alloc_nth_of(flags: u64) -> u64 {
+    (flags >> HMM_DMIRROR_FAIL_ALLOC_NTH_SHIFT) & 0xffff
+}
 
 /// No valid mirror entry for this page.
 pub const HMM_DMIRROR_PROT_ERROR: u8 = 0xFF;

@@ -22,6 +22,13 @@ pub const TESTS: &[Test] = &[
     Test::new("devmem.migrate_prot_none", migrate_prot_none),
     Test::new("devmem.migrate_twice", migrate_twice),
     Test::new("devmem.fail_alloc", fail_alloc),
+    Test::new("devmem.fail_alloc_nth_small", fail_alloc_nth_small),
+    Test::new(
+        "devmem.fail_alloc_nth_small_hole",
+        fail_alloc_nth_small_hole,
+    ),
+    Test::new("devmem.fail_alloc_nth_thp", fail_alloc_nth_thp),
+    Test::new("devmem.fail_alloc_nth_thp_hole", fail_alloc_nth_thp_hole),
     Test::new("devmem.cow_in_device", cow_in_device),
     Test::new("devmem.release_evicts", release_evicts),
     Test::new("devmem.close_evicts", close_evicts),
@@ -137,6 +144,104 @@ fn migrate_back() -> TestResult {
     let c = migrate_to_sys(&d, &buf, &out)?;
     ensure_eq!(c.cpages, 0);
     Ok(())
+}
+
+/// The allocation that `HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH` fails in the
+/// `fail_alloc_nth_*` cases: the middle of a window or of a huge page.
+const NTH: u16 = 100;
+
+/// The `fail_alloc_nth_*` cases need this module's FLAGS extension.
+fn need_fail_alloc_nth() -> TestResult {
+    if !std::path::Path::new("/sys/module/rust_hmm_dmirror").exists() {
+        crate::skip!(
+            "HMM_DMIRROR_FLAG_FAIL_ALLOC_NTH is the Rust module's test extension; C's FLAGS ignores it"
+        );
+    }
+    Ok(())
+}
+
+/// Small pages, present: allocation NTH fails after NTH - 1 destinations
+/// of the window were set. That page stays; every other one moves, with
+/// its data.
+fn fail_alloc_nth_small() -> TestResult {
+    need_fail_alloc_nth()?;
+    let buf = buffer(SIZE)?;
+    fail_alloc_nth_at(buf.addr(), SIZE, false, 0)
+}
+
+/// The same over holes: the pages that move are zero-filled.
+fn fail_alloc_nth_small_hole() -> TestResult {
+    need_fail_alloc_nth()?;
+    let buf = Mapping::rw(SIZE)?;
+    mem::madvise(buf.addr(), SIZE, libc::MADV_NOHUGEPAGE)?;
+    fail_alloc_nth_at(buf.addr(), SIZE, true, 0)
+}
+
+/// A transparent huge page: FAIL_ALLOC fails the large folio, the
+/// fallback to small pages fails at NTH, in the middle of the huge page.
+/// The pages before it move, the source folio is split, the rest stays.
+fn fail_alloc_nth_thp() -> TestResult {
+    need_fail_alloc_nth()?;
+    let d = Dmirror::open(0)?;
+    let (_region, addr) = thp_buffer(&d)?;
+    fail_alloc_nth_at(addr, mem::pmd_size(), false, HMM_DMIRROR_FLAG_FAIL_ALLOC)
+}
+
+/// A PMD-sized hole (collected whole): the small pages that the fallback
+/// got before NTH cannot fill it, so none of it moves; it stays a hole.
+fn fail_alloc_nth_thp_hole() -> TestResult {
+    need_fail_alloc_nth()?;
+    let size = mem::pmd_size();
+    let region = Mapping::rw(2 * size)?;
+    let addr = mem::align_up(region.addr(), size);
+    mem::madvise(addr, size, libc::MADV_HUGEPAGE)?;
+    fail_alloc_nth_at(addr, size, true, HMM_DMIRROR_FLAG_FAIL_ALLOC)
+}
+
+/// MIGRATE_TO_DEV of `[addr, addr + size)` (words hold their index, or
+/// zero for a `hole`) with allocation NTH failing, on top of `flags`.
+/// It ends with ENOENT (a page did not move, as C). SNAPSHOT shows which
+/// pages moved; the CPU reads every word intact; a second migration moves
+/// everything and the device reads it intact too.
+fn fail_alloc_nth_at(addr: usize, size: usize, hole: bool, flags: u64) -> TestResult {
+    let d = Dmirror::open(0)?;
+    let n = npages(size);
+    let nth = usize::from(NTH);
+    let want_word = |i: usize| if hole { 0 } else { i as u32 };
+    let out = Mapping::rw(size)?;
+    let flags = flags | hmm_dmirror_fail_alloc_nth(NTH);
+    d.cmd(HMM_DMIRROR_FLAGS, addr, out.addr(), flags as usize)?;
+    expect_errno(
+        d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n),
+        libc::ENOENT,
+        "migration with a failed allocation",
+    )?;
+    let snap = Mapping::rw(n)?;
+    d.snapshot(addr, snap.addr(), n)?;
+    let huge = flags & HMM_DMIRROR_FLAG_FAIL_ALLOC != 0;
+    let moved = |i: usize| match (huge, hole) {
+        // Small destinations cannot fill part of a huge hole.
+        (true, true) => false,
+        // The fallback stops at the failed allocation.
+        (true, false) => i < nth - 1,
+        (false, _) => i != nth - 1,
+    };
+    let kinds: Vec<bool> = snap.bytes()[..n]
+        .iter()
+        .map(|b| b & KIND == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL)
+        .collect();
+    check_each("on the device after the failed allocation", &kinds, moved)?;
+    let device_reads = Mapping::rw(size)?;
+    let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, device_reads.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each(
+        "device read after migrating again",
+        device_reads.words(),
+        want_word,
+    )?;
+    // SAFETY: [addr, addr + size) is mapped readable by the caller.
+    let words = unsafe { std::slice::from_raw_parts(addr as *const u32, size / 4) };
+    check_each("CPU read", words, want_word)
 }
 
 /// The CPU touching device pages faults them back one by one
