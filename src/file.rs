@@ -387,14 +387,21 @@ impl DmirrorFile {
     /// buffer (C's `dmirror_exclusive`).
     fn exclusive(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
         let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
-        {
-            let lock = MmapReadGuard::lock(&mm);
-            for addr in (span.start..span.end).step_by(PAGE_SIZE) {
+        for addr in (span.start..span.end).step_by(PAGE_SIZE) {
+            // Invalidations by others between making the page exclusive
+            // and mapping it retry the page for at most RANGE_TIMEOUT_MS,
+            // as a fault would.
+            let deadline = Deadline::after_ms(RANGE_TIMEOUT_MS);
+            loop {
                 check_fatal_signal()?;
-                let page = ExclusivePage::make(&lock, addr, None)?;
-                self.mirror
-                    .lock()
-                    .store_exclusive(addr >> PAGE_SHIFT, &page)?;
+                if deadline.has_passed() {
+                    return Err(EBUSY);
+                }
+                let lock = MmapReadGuard::lock_killable(&mm)?;
+                let page = ExclusivePage::make(&lock, &self.mirror, addr)?;
+                if self.mirror.lock().store_exclusive(&page)? {
+                    break;
+                }
             }
         }
         self.read_mapped(cmd, span)

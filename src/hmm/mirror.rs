@@ -2,7 +2,7 @@
 
 //! An mmu interval notifier with the device page table it keeps coherent.
 
-use super::{DevicePageTable, Owner};
+use super::{DevicePageTable, ExclusivePage, Owner};
 use core::{cell::Cell, ops::Deref};
 use kernel::{
     bindings,
@@ -32,10 +32,19 @@ impl Invalidation<'_> {
         self.range.end
     }
 
-    /// Whether pages of the range are being migrated by `owner`.
+    /// Whether pages of the range are being migrated, or made exclusive,
+    /// by `owner`.
     fn is_migration_by(&self, owner: Owner) -> bool {
-        self.range.event == bindings::mmu_notifier_event_MMU_NOTIFY_MIGRATE
-            && Owner::from_ptr(self.range.owner) == Some(owner)
+        matches!(
+            self.range.event,
+            bindings::mmu_notifier_event_MMU_NOTIFY_MIGRATE
+                | bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE
+        ) && Owner::from_ptr(self.range.owner) == Some(owner)
+    }
+
+    /// Whether the event makes a page exclusive to a device.
+    fn is_exclusive(&self) -> bool {
+        self.range.event == bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE
     }
 
     /// Whether the callback may sleep. If not, it may only try the lock.
@@ -46,10 +55,14 @@ impl Invalidation<'_> {
 }
 
 /// A token from [`Mirror::read_begin`]: the notifier sequence that a
-/// later [`MirrorGuard::has_changed`] compares against.
+/// later [`MirrorGuard::has_changed`] compares against, and the mirror it
+/// is for. Checked against another mirror it always reads as changed.
 #[derive(Clone, Copy, Debug)]
 #[must_use]
-pub struct Seq(pub(super) c_ulong);
+pub struct Seq {
+    pub(super) value: c_ulong,
+    mirror: usize,
+}
 
 /// An HMM mirror of a virtual address range: an `mmu_interval_notifier`,
 /// the [`DevicePageTable`] it keeps coherent, and the driver lock that
@@ -71,11 +84,16 @@ pub struct Seq(pub(super) c_ulong);
 /// `notifier` is inserted into `mm`'s interval tree, with the ops of
 /// [`Self::OPS`], from initialization until drop.
 #[pin_data(PinnedDrop)]
+#[repr(C)]
 pub struct Mirror {
     #[pin]
     state: Mutex<MirrorState>,
     #[pin]
     notifier: Opaque<bindings::mmu_interval_notifier>,
+    /// Its address is [`Self::migration_owner`]. Private and not first
+    /// (`repr(C)`), so no object that code outside this module can name
+    /// starts at it.
+    own_migration_tag: u8,
 }
 
 /// What the lock of a [`Mirror`] guards.
@@ -86,6 +104,9 @@ struct MirrorState {
     /// The notifier sequence before, and after, the last unbroken run of
     /// invalidations by this mirror's own migrations.
     own_run: Cell<Option<(c_ulong, c_ulong)>>,
+    /// The page index and sequence of the last invalidation by this
+    /// mirror's own `make_device_exclusive()`.
+    own_exclusive: Cell<Option<(usize, c_ulong)>>,
 }
 
 // SAFETY: The notifier is only touched by the mm core and through `&self`
@@ -109,9 +130,11 @@ impl Mirror {
                 pin_init!(MirrorState {
                     table <- DevicePageTable::new(),
                     own_run: Cell::new(None),
+                    own_exclusive: Cell::new(None),
                 }),
                 "Mirror::state"
             ),
+            own_migration_tag: 0,
             // Inserted last: once it is in the tree, the callback may run
             // and expects the other fields to be initialized.
             notifier <- Opaque::try_ffi_init(|slot: *mut bindings::mmu_interval_notifier| {
@@ -152,7 +175,11 @@ impl Mirror {
     /// It may sleep; do not call it with the mmap lock held.
     pub fn read_begin(&self) -> Seq {
         // SAFETY: By the type invariant the notifier is inserted.
-        Seq(unsafe { bindings::mmu_interval_read_begin(self.notifier.get()) })
+        let value = unsafe { bindings::mmu_interval_read_begin(self.notifier.get()) };
+        Seq {
+            value,
+            mirror: self.id(),
+        }
     }
 
     /// Whether an invalidation hit the mirror since `seq` was taken. This
@@ -160,7 +187,14 @@ impl Mirror {
     /// Decisions that rely on the data use [`MirrorGuard::has_changed`].
     pub fn check_retry(&self, seq: Seq) -> bool {
         // SAFETY: By the type invariant the notifier is inserted.
-        unsafe { bindings::mmu_interval_check_retry(self.notifier.get(), seq.0) }
+        seq.mirror != self.id()
+            || unsafe { bindings::mmu_interval_check_retry(self.notifier.get(), seq.value) }
+    }
+
+    /// The mirror's identity for [`Seq`]: its address, pinned while it
+    /// lives.
+    fn id(&self) -> usize {
+        core::ptr::from_ref(self) as usize
     }
 
     /// Takes the mirror's lock.
@@ -172,9 +206,12 @@ impl Mirror {
     }
 
     /// The owner of the invalidations of this mirror's own migrations to
-    /// the device. It is the mirror's address: no pagemap has it.
+    /// the device: the address of `own_migration_tag` in the pinned
+    /// mirror. An [`Owner`] made by code outside this module is the
+    /// address of an object it can reference, and none starts there, so
+    /// no pagemap and no other migration can have this owner.
     pub(super) fn migration_owner(&self) -> Owner {
-        Owner::of_pinned(self)
+        Owner::of_pinned(&self.own_migration_tag)
     }
 
     pub(super) fn as_raw(&self) -> *mut bindings::mmu_interval_notifier {
@@ -216,6 +253,11 @@ impl Mirror {
         // the lock held that readers hold for `mmu_interval_read_retry`.
         unsafe { bindings::mmu_interval_set_seq(notifier, cur_seq) };
         let own = invalidation.is_migration_by(this.migration_owner());
+        if own && invalidation.is_exclusive() {
+            state
+                .own_exclusive
+                .set(Some((invalidation.start() >> PAGE_SHIFT, cur_seq)));
+        }
         state.own_run.set(match state.own_run.get() {
             Some((first, last)) if own && last == before => Some((first, cur_seq)),
             _ if own => Some((before, cur_seq)),
@@ -257,19 +299,69 @@ impl MirrorGuard<'_> {
     pub fn has_changed(&self, seq: Seq) -> bool {
         // SAFETY: The notifier is inserted, and the lock that the
         // invalidate callback takes around `mmu_interval_set_seq` is held.
-        unsafe { bindings::mmu_interval_read_retry(self.mirror.as_raw(), seq.0) }
+        seq.mirror != self.mirror.id()
+            || unsafe { bindings::mmu_interval_read_retry(self.mirror.as_raw(), seq.value) }
     }
 
     /// Whether the only invalidations since `seq` were by this mirror's own
-    /// migrations to the device (or there were none).
+    /// migrations to the device and exclusive accesses (or there were none).
     pub(super) fn only_own_migrations_since(&self, seq: Seq) -> bool {
         if !self.has_changed(seq) {
             return true;
         }
+        if seq.mirror != self.mirror.id() {
+            return false;
+        }
         // SAFETY: As in `has_changed`: the sequence is only written under
         // the lock held here.
         let now = unsafe { (*self.mirror.as_raw()).invalidate_seq };
-        self.state.own_run.get() == Some((seq.0, now))
+        // The notifier's sequence only grows: `seq` was its value at the
+        // start of the current unbroken run of own invalidations, or during
+        // it, if it lies between the run's ends (the run may have begun
+        // before `seq` was taken, with an earlier own invalidation).
+        match self.state.own_run.get() {
+            Some((first, last)) => {
+                last == now && seq.value.wrapping_sub(first) <= last.wrapping_sub(first)
+            }
+            None => false,
+        }
+    }
+
+    /// Maps `page`, which `ExclusivePage::make` made exclusive for this
+    /// mirror, at its address, unless something else invalidated it after
+    /// `make_device_exclusive()` did: then returns `false`, and the attempt
+    /// starts over. mm/rmap.c asks for this check, in the notifier's
+    /// critical section.
+    ///
+    /// The check is against the own invalidation that `make` started, not
+    /// against a sequence taken before it: a new attempt at a page faults
+    /// the device-exclusive entry of the last one back first, an
+    /// invalidation that is not the mirror's own and would fail every
+    /// attempt after the first.
+    pub fn store_exclusive(&self, page: &ExclusivePage<'_>) -> Result<bool> {
+        if !core::ptr::eq(page.mirror(), self.mirror) {
+            return Err(EINVAL);
+        }
+        // SAFETY: As in `has_changed`: the sequence is only written under
+        // the lock held here.
+        let now = unsafe { (*self.mirror.as_raw()).invalidate_seq };
+        // `make`'s invalidation was the last own exclusive one, of this
+        // page, inside the current run of own invalidations: nothing else
+        // came after it.
+        let valid = match (self.state.own_exclusive.get(), self.state.own_run.get()) {
+            (Some((index, at)), Some((first, last))) => {
+                index == page.index()
+                    && last == now
+                    && at != first
+                    && at.wrapping_sub(first) <= last.wrapping_sub(first)
+            }
+            _ => false,
+        };
+        if !valid {
+            return Ok(false);
+        }
+        self.state.table.store_exclusive(page.index(), page)?;
+        Ok(true)
     }
 
     /// The mirror this lock belongs to.

@@ -70,8 +70,10 @@ impl Owner {
 
     /// The identity of `object` for as long as it lives at its address,
     /// for example a field of a pinned object. It must not be zero-sized,
-    /// or it may share its address with other objects.
-    pub fn of_pinned<T>(object: &T) -> Self {
+    /// or it may share its address with other objects. Not public: the
+    /// owner of a mirror's own migrations is made this way from a private
+    /// field, so that no other owner can equal it.
+    pub(super) fn of_pinned<T>(object: &T) -> Self {
         Owner(core::ptr::from_ref(object) as usize)
     }
 

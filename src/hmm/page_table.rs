@@ -73,10 +73,9 @@ pub struct DevicePageTable {
 }
 
 // SAFETY: The XArray has its own lock, and the pages it points to are not
-// tied to a thread.
+// tied to a thread. Not `Sync`: storing an entry is several steps (the
+// entry, its mark, `max_index`) that only the mirror's lock makes atomic.
 unsafe impl Send for DevicePageTable {}
-// SAFETY: All XArray operations take its internal lock.
-unsafe impl Sync for DevicePageTable {}
 
 impl DevicePageTable {
     /// Creates an empty table.
@@ -240,7 +239,9 @@ impl DevicePageTable {
     /// Maps `page`, which the device now has exclusive access to, at
     /// `index`. The entry holds a reference to the page until it is erased,
     /// so it never outlives the page, whatever happens to the CPU mapping.
-    pub fn store_exclusive(&self, index: usize, page: &ExclusivePage<'_>) -> Result {
+    /// [`MirrorGuard::store_exclusive`](super::MirrorGuard::store_exclusive)
+    /// is the way in: it checks the index and the sequence.
+    pub(super) fn store_exclusive(&self, index: usize, page: &ExclusivePage<'_>) -> Result {
         let page = page.page();
         // SAFETY: `page` is referenced while `ExclusivePage` is borrowed;
         // this takes a reference of the table's own.

@@ -195,7 +195,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         };
         Ok(bindings::hmm_range {
             notifier: self.mirror.as_raw(),
-            notifier_seq: seq.0,
+            notifier_seq: seq.value,
             start: (self.start + done * PAGE_SIZE) as c_ulong,
             end: self.end as c_ulong,
             hmm_pfns: self.pfns[done..].as_mut_ptr(),
