@@ -309,19 +309,23 @@ impl MirrorGuard<'_> {
         if !self.has_changed(seq) {
             return true;
         }
-        if seq.mirror != self.mirror.id() {
-            return false;
-        }
+        // The run may have begun before `seq` was taken, with an earlier
+        // own invalidation.
+        seq.mirror == self.mirror.id() && self.in_current_own_run(seq.value)
+    }
+
+    /// Whether the notifier's sequence was `value` at the start of the
+    /// current unbroken run of own invalidations, or during it, and the run
+    /// is still current: nothing but own invalidations came after `value`.
+    /// The sequence only grows, so that is `value` lying between the run's
+    /// ends.
+    fn in_current_own_run(&self, value: c_ulong) -> bool {
         // SAFETY: As in `has_changed`: the sequence is only written under
         // the lock held here.
         let now = unsafe { (*self.mirror.as_raw()).invalidate_seq };
-        // The notifier's sequence only grows: `seq` was its value at the
-        // start of the current unbroken run of own invalidations, or during
-        // it, if it lies between the run's ends (the run may have begun
-        // before `seq` was taken, with an earlier own invalidation).
         match self.state.own_run.get() {
             Some((first, last)) => {
-                last == now && seq.value.wrapping_sub(first) <= last.wrapping_sub(first)
+                last == now && value.wrapping_sub(first) <= last.wrapping_sub(first)
             }
             None => false,
         }
@@ -342,21 +346,14 @@ impl MirrorGuard<'_> {
         if !core::ptr::eq(page.mirror(), self.mirror) {
             return Err(EINVAL);
         }
-        // SAFETY: As in `has_changed`: the sequence is only written under
-        // the lock held here.
-        let now = unsafe { (*self.mirror.as_raw()).invalidate_seq };
         // `make`'s invalidation was the last own exclusive one, of this
-        // page, inside the current run of own invalidations: nothing else
-        // came after it.
-        let valid = match (self.state.own_exclusive.get(), self.state.own_run.get()) {
-            (Some((index, at)), Some((first, last))) => {
-                index == page.index()
-                    && last == now
-                    && at != first
-                    && at.wrapping_sub(first) <= last.wrapping_sub(first)
-            }
-            _ => false,
-        };
+        // page, and the current run of own invalidations holds it: nothing
+        // else came after it. (`at` is the sequence it set; one equal to
+        // the run's start was set before the run.)
+        let run_start = self.state.own_run.get().map(|(first, _)| first);
+        let valid = self.state.own_exclusive.get().is_some_and(|(index, at)| {
+            index == page.index() && run_start != Some(at) && self.in_current_own_run(at)
+        });
         if !valid {
             return Ok(false);
         }
