@@ -175,6 +175,30 @@ pub fn protect(addr: usize, len: usize, prot: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Fresh read/write private anonymous memory at exactly `addr`, with
+/// `fixed` (`MAP_FIXED`: over what is there, or `MAP_FIXED_NOREPLACE`:
+/// only where nothing is).
+pub fn map_anon_at(addr: usize, len: usize, fixed: i32) -> io::Result<()> {
+    // SAFETY: the caller owns the range (for MAP_FIXED, what it replaces).
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if p as usize != addr {
+        return Err(io::Error::other(format!("mapped at {p:?}, not {addr:#x}")));
+    }
+    Ok(())
+}
+
 pub fn unmap(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the caller owns the range (see Mapping::leak).
     if unsafe { libc::munmap(addr as *mut _, len) } != 0 {

@@ -30,8 +30,8 @@
 //! that takes the kernel down with it.
 
 use super::ops::Op;
-use super::stress::Rng;
-use crate::dmirror::{errno, errno_name, page_size, Counters, Dmirror};
+use super::stress::{parse_number, Rng};
+use crate::dmirror::{errno, errno_name, page_size, result_errno, Dmirror};
 use crate::harness::{self, scaled, Failure, Test, TestResult};
 use crate::mem::{self, Mapping};
 use crate::{diag, ensure};
@@ -70,11 +70,9 @@ struct Config {
 fn parse_u64(name: &str, default: u64) -> Result<u64, Failure> {
     match std::env::var(name).ok().as_deref().map(str::trim) {
         None | Some("") => Ok(default),
-        Some(s) => match s.strip_prefix("0x") {
-            Some(h) => u64::from_str_radix(h, 16),
-            None => s.parse(),
+        Some(s) => {
+            parse_number(s).ok_or_else(|| Failure::Fail(format!("{name}={s:?}: want a number")))
         }
-        .map_err(|_| Failure::Fail(format!("{name}={s:?}: want a number"))),
     }
 }
 
@@ -498,7 +496,7 @@ impl<'a> Fuzzer<'a> {
             }
             Step::MapOver => {
                 mem::unmap(self.addr(first), n * ps)?;
-                map_fixed(self.addr(first), n * ps)?;
+                mem::map_anon_at(self.addr(first), n * ps, libc::MAP_FIXED_NOREPLACE)?;
                 self.advise(first, n)?;
                 for p in &mut self.pages[first..first + n] {
                     *p = Page {
@@ -619,7 +617,7 @@ impl<'a> Fuzzer<'a> {
             (r, want) => {
                 return Err(Failure::Fail(format!(
                     "{what}: got {}, want {}",
-                    outcome(&r),
+                    result_errno(&r),
                     want.map_or_else(|e| errno_name(e).to_string(), |_| "success".into())
                 )))
             }
@@ -685,14 +683,14 @@ impl<'a> Fuzzer<'a> {
         ensure!(
             r.as_ref().is_err_and(|e| errno(e) == libc::EPERM),
             "CHECK_EXCLUSIVE right after {what}: got {}, want EPERM",
-            outcome(&r)
+            result_errno(&r)
         );
         self.cpu_check(first, n, "CPU read after EXCLUSIVE")?;
         let r = check();
         ensure!(
             r.is_ok(),
             "CHECK_EXCLUSIVE after {what} and a CPU read: got {}, want success",
-            outcome(&r)
+            result_errno(&r)
         );
         Ok(())
     }
@@ -759,35 +757,6 @@ impl<'a> Fuzzer<'a> {
         }
         Ok(())
     }
-}
-
-fn outcome(r: &io::Result<Counters>) -> String {
-    match r {
-        Ok(_) => "success".into(),
-        Err(e) => errno_name(errno(e)).into(),
-    }
-}
-
-fn map_fixed(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: NOREPLACE maps only where nothing is mapped: the range the
-    // caller just unmapped, unless something else took it meanwhile.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut _,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    if p as usize != addr {
-        return Err(io::Error::other(format!("mmap at {addr:#x} gave {p:?}")));
-    }
-    Ok(())
 }
 
 /// # Safety

@@ -88,11 +88,7 @@ pub fn parse_config(
     let seed = match seed.map(str::trim).filter(|s| !s.is_empty()) {
         None => seed_default,
         Some(s) => {
-            let r = match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => s.parse(),
-            };
-            r.map_err(|_| format!("DMIRROR_STRESS_SEED={s:?}: want a number"))?
+            parse_number(s).ok_or_else(|| format!("DMIRROR_STRESS_SEED={s:?}: want a number"))?
         }
     };
     Ok(Config {
@@ -100,6 +96,14 @@ pub fn parse_config(
         max_ioctls,
         seed,
     })
+}
+
+/// A decimal or `0x` hexadecimal number, as seeds are printed.
+pub fn parse_number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
 }
 
 fn config() -> Result<Config, Failure> {
@@ -440,28 +444,6 @@ fn rw() -> i32 {
     libc::PROT_READ | libc::PROT_WRITE
 }
 
-/// Map fresh anonymous memory at exactly `addr`, over what is there.
-fn map_at(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the range is ours: the region or the scratch area.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut _,
-            len,
-            rw(),
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    if p as usize != addr {
-        return Err(io::Error::other(format!("mapped at {p:?}, not {addr:#x}")));
-    }
-    Ok(())
-}
-
 fn mremap_to(from: usize, len: usize, to: usize) -> io::Result<()> {
     // SAFETY: moves our own pages onto our own range.
     let p = unsafe {
@@ -505,7 +487,7 @@ fn mutate(
                 // events) without leaving a hole: between a munmap() and a
                 // MAP_FIXED_NOREPLACE, another thread's mmap() could take
                 // it (EEXIST, seen once).
-                map_at(addr, len).map_err(|e| lost("mmap over", e))?;
+                mem::map_anon_at(addr, len, libc::MAP_FIXED).map_err(|e| lost("mmap over", e))?;
                 m.remap += 1;
             }
             2 => {
@@ -535,7 +517,8 @@ fn mutate(
                     continue;
                 }
                 mremap_to(to, len, addr).map_err(|e| lost("mremap back", e))?;
-                map_at(to, len).map_err(|e| lost("refilling the scratch area", e))?;
+                mem::map_anon_at(to, len, libc::MAP_FIXED)
+                    .map_err(|e| lost("refilling the scratch area", e))?;
                 m.mremap += 1;
             }
             6 => {
