@@ -24,9 +24,9 @@
 use crate::{
     device::{copy_to_system, take_fail_alloc, Device},
     hmm::{
-        self, Collected, Deadline, Destination, DevicePage, DevicePageTable, ExclusivePage,
-        HmmRange, Migration, Mirror, MmapReadGuard, Owner, PageKind, PoolAllocator, Request,
-        Source, ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
+        self, Collected, Destination, DevicePage, DevicePageTable, ExclusivePage, HmmRange,
+        Migration, Mirror, MmapReadGuard, Owner, PageKind, PoolAllocator, Request, Source,
+        ValidPfn, FOLIO_PAGES, MAX_MIGRATE_PAGES, PMD_SHIFT, PUD_SHIFT,
     },
     uapi::*,
 };
@@ -45,6 +45,7 @@ use kernel::{
     page::{Page, PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
     sync::aref::ARef,
+    time::{Delta, Instant, Monotonic},
     uaccess::{UserPtr, UserSlice, UserSliceReader},
 };
 use pin_init::stack_try_pin_init;
@@ -59,6 +60,29 @@ const SNAPSHOT_WINDOW_PAGES: usize = 64;
 /// How long a fault or snapshot retries invalidated ranges before it gives
 /// up with `EBUSY` (`HMM_RANGE_DEFAULT_TIMEOUT`).
 const RANGE_TIMEOUT_MS: u32 = 1000;
+
+/// A point in time after which a retry loop gives up, as C's
+/// `time_after(jiffies, timeout)`.
+#[derive(Clone, Copy)]
+struct Deadline {
+    start: Instant<Monotonic>,
+    limit: Delta,
+}
+
+impl Deadline {
+    /// `ms` milliseconds from now.
+    fn after_ms(ms: u32) -> Self {
+        Deadline {
+            start: Instant::now(),
+            limit: Delta::from_millis(ms.into()),
+        }
+    }
+
+    /// Whether the deadline is behind us.
+    fn has_passed(self) -> bool {
+        self.start.elapsed() > self.limit
+    }
+}
 
 /// How the faults of a read may treat the mmap lock.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -155,7 +179,7 @@ impl MiscDevice for DmirrorFile {
             // Coherent devices have no device memory here yet.
             HMM_DMIRROR_RELEASE => {
                 if let Ok(pool) = me.device.pool() {
-                    pool.remove_chunks();
+                    pool.remove_chunks()?;
                 }
             }
             HMM_DMIRROR_EXCLUSIVE => me.exclusive(&mut cmd, &span)?,
@@ -306,7 +330,7 @@ impl DmirrorFile {
                 };
                 // The pages of a huge mapping share their byte: decode it once.
                 let mut last = None;
-                for (perm, (_, pfn)) in perms.iter_mut().zip(locked.pfns()) {
+                for (perm, pfn) in perms.iter_mut().zip(locked.pfns()) {
                     *perm = match last {
                         Some((ref prev, byte)) if pfn.same_huge_mapping(prev) => byte,
                         _ => prot_byte(&pfn, owner),
@@ -330,9 +354,6 @@ impl DmirrorFile {
     fn migrate_to_device(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
         let pool = self.device.pool()?;
         let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
-        // Before the mmap lock, as `read_begin` may wait. Any invalidation
-        // since, but this migration's own, makes `map_into` refuse.
-        let seq = self.mirror.read_begin();
         let mut mapped = true;
         {
             let lock = MmapReadGuard::lock(&mm);
@@ -348,7 +369,7 @@ impl DmirrorFile {
                 }
                 drop(allocator);
                 let migrated = migration.pages();
-                mapped &= migrated.map_into(&self.mirror.lock(), seq)?;
+                mapped &= migrated.map_into(&self.mirror.lock())?;
                 migrated.finalize();
                 addr = next;
             }
@@ -500,9 +521,9 @@ impl DmirrorFile {
                 let Some(locked) = range.lock_if_valid() else {
                     return Ok(false);
                 };
-                for (index, pfn) in locked.pfns() {
+                for pfn in locked.pfns() {
                     if pfn.page_kind() == Some(PageKind::DevicePrivate(Some(owner))) {
-                        locked.table().store(index, &pfn)?;
+                        locked.map(&pfn)?;
                     }
                 }
                 Ok(true)
@@ -704,8 +725,8 @@ fn store_window(range: &HmmRange<'_, WINDOW_PAGES>) -> Result<bool> {
     let Some(locked) = range.lock_if_valid() else {
         return Ok(false);
     };
-    for (index, pfn) in locked.pfns() {
-        locked.table().store(index, &pfn)?;
+    for pfn in locked.pfns() {
+        locked.map(&pfn)?;
     }
     Ok(true)
 }

@@ -74,30 +74,23 @@ struct DmirrorModule {
 
 /// The device memory of the device-private devices, removed at module
 /// exit after the devices (C's `dmirror_device_remove_chunks`).
-struct DeviceMemory;
+struct DeviceMemory {
+    _pools: hmm::PoolsRegistration,
+}
 
 impl DeviceMemory {
     /// Gives each device-private device its first chunk, as C does.
     fn new() -> Result<Self> {
-        hmm::init_pools();
-        let memory = DeviceMemory;
+        // On failure, dropping the registration removes the chunks added.
+        let memory = DeviceMemory {
+            _pools: hmm::PoolsRegistration::new()?,
+        };
         for id in 0..device::MAX_DEVICES {
             if let Ok(pool) = Device::by_id(id)?.pool() {
-                // On failure, `memory` removes the chunks added so far.
                 pool.add_chunk()?;
             }
         }
         Ok(memory)
-    }
-}
-
-impl Drop for DeviceMemory {
-    fn drop(&mut self) {
-        for id in 0..device::MAX_DEVICES {
-            if let Ok(pool) = Device::by_id(id).and_then(|device| device.pool()) {
-                pool.remove_chunks();
-            }
-        }
     }
 }
 

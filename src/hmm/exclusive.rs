@@ -40,7 +40,8 @@ impl<'a> ExclusivePage<'a> {
     /// (`make_device_exclusive()`), faulting it in writable first. The
     /// `MMU_NOTIFY_EXCLUSIVE` invalidation this starts is the mirror's
     /// own: [`MirrorGuard::store_exclusive`](super::MirrorGuard::store_exclusive)
-    /// checks that nothing else came after it.
+    /// checks that nothing else came after it. Not with the mirror's lock
+    /// held, which that invalidation takes.
     pub fn make(lock: &'a MmapReadGuard<'_>, mirror: &'a Mirror, addr: usize) -> Result<Self> {
         if addr % PAGE_SIZE != 0
             || addr

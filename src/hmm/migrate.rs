@@ -214,8 +214,9 @@ impl DevicePage {
                 // SAFETY: The backing page is ours while the device page is.
                 unsafe { bindings::clear_highpage(dst) };
             } else {
-                // SAFETY: As above; `from` is referenced while `src` is
-                // borrowed.
+                // SAFETY: `dst`, the backing page, is ours while the
+                // device page is; `from` is referenced while `src` is
+                // borrowed. Both are order-0 pages with a kernel mapping.
                 unsafe { bindings::copy_highpage(dst, from) };
             }
         }
@@ -245,8 +246,9 @@ struct Raw<'a> {
     src: KVVec<c_ulong>,
     dst: KVVec<c_ulong>,
     pages_moved: bool,
-    /// The mirror a migration to the device is for.
-    mirror: Option<&'a Mirror>,
+    /// The mirror a migration to the device is for, and its sequence
+    /// taken before setup.
+    mirror: Option<(&'a Mirror, Seq)>,
     _vma: PhantomData<&'a VmaRef>,
 }
 
@@ -289,26 +291,50 @@ impl Drop for Raw<'_> {
     }
 }
 
-/// A migration entry point.
+/// `EINVAL` unless `vma` is of the address space whose mmap read lock
+/// `lock` is. The page walk asserts that lock; a VMA of another mm would be
+/// walked without it. (One reached through its per-VMA lock is fine here:
+/// `lock` holds the mmap lock of its mm as well.)
+fn check_vma_locked(lock: &MmapReadGuard<'_>, vma: &VmaRef) -> Result {
+    if !core::ptr::eq(vma.mm().as_raw(), lock.mm().as_raw()) {
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+/// A migration entry point. Setup and finalize invalidate the range, and
+/// the notifier callbacks take the mirrors' locks: never migrate with a
+/// [`MirrorGuard`] held.
 pub struct Migration;
 
 impl Migration {
     /// Sets up the migration of `[start, end)` to `mirror`'s device: the
     /// system pages and holes of the range, inside `vma` and at most
-    /// [`MAX_MIGRATE_PAGES`] pages (`migrate_vma_setup()`). The mmap read
-    /// lock must be held, which `vma` proves. With `compound`, PMD-sized
-    /// folios (and holes) are collected whole (`MIGRATE_VMA_SELECT_COMPOUND`).
+    /// [`MAX_MIGRATE_PAGES`] pages (`migrate_vma_setup()`). `vma` must be
+    /// of the address space whose mmap read lock `lock` is, and the range
+    /// inside `mirror`'s interval of that address space: else `EINVAL`.
+    /// With `compound`, PMD-sized folios (and holes) are collected whole
+    /// (`MIGRATE_VMA_SELECT_COMPOUND`).
     ///
-    /// The invalidation is `mirror`'s own, so that [`Migrated::map_into`]
-    /// can map the moved pages into it.
+    /// The invalidation is `mirror`'s own, and the mirror's sequence is
+    /// taken just before it, so that [`Migrated::map_into`] can map the
+    /// moved pages into the mirror unless something else invalidated them.
     pub fn to_device<'a>(
-        _lock: &'a MmapReadGuard<'_>,
+        lock: &'a MmapReadGuard<'_>,
         vma: &'a VmaRef,
         start: usize,
         end: usize,
         compound: bool,
         mirror: &'a Mirror,
     ) -> Result<Collected<'a>> {
+        check_vma_locked(lock, vma)?;
+        if !core::ptr::eq(mirror.mm().as_raw(), lock.mm().as_raw()) || !mirror.covers(start, end) {
+            return Err(EINVAL);
+        }
+        // Before setup, whose invalidations it must see. With the mmap
+        // lock held, `read_begin` waits only for invalidations that do not
+        // need it.
+        let seq = mirror.read_begin();
         let mut collected = Self::setup_raw(
             vma.as_ptr(),
             start,
@@ -318,7 +344,7 @@ impl Migration {
             mirror.migration_owner(),
             core::ptr::null_mut(),
         )?;
-        collected.raw.mirror = Some(mirror);
+        collected.raw.mirror = Some((mirror, seq));
         Ok(collected)
     }
 
@@ -326,13 +352,14 @@ impl Migration {
     /// device-private pages of `owner` in the range, as in
     /// [`to_device`](Self::to_device).
     pub fn to_system<'a>(
-        _lock: &'a MmapReadGuard<'_>,
+        lock: &'a MmapReadGuard<'_>,
         vma: &'a VmaRef,
         start: usize,
         end: usize,
         compound: bool,
         owner: Owner,
     ) -> Result<Collected<'a>> {
+        check_vma_locked(lock, vma)?;
         Self::setup_raw(
             vma.as_ptr(),
             start,
@@ -353,15 +380,14 @@ impl Migration {
         compound: bool,
         owner: Owner,
     ) -> Result<Collected<'a>> {
-        let vma = fault.vmf.__bindgen_anon_1.vma;
         Self::setup_raw(
-            vma,
+            fault.vma,
             start,
             end,
             Select::DevicePrivate,
             compound,
             owner,
-            fault.vmf.page,
+            fault.page.as_ptr(),
         )
     }
 
@@ -500,7 +526,8 @@ impl<'a> Collected<'a> {
         // SAFETY: The migration holds a reference to (and the lock of) every
         // source page it collected, until finalize, which needs `self`.
         if unsafe { bindings::is_zone_device_page(page.as_ptr()) } {
-            // SAFETY: As above, the page is referenced while `self` is borrowed.
+            // SAFETY: A collected source page is referenced, and locked,
+            // by the migration until finalize, which needs `self`.
             return match unsafe { Pagemap::of_page(page.as_ptr()) } {
                 // INVARIANT: A collected page is allocated, so it has a
                 // backing page; both live while the migration holds it.
@@ -508,7 +535,8 @@ impl<'a> Collected<'a> {
                 None => Source::Skip,
             };
         }
-        // INVARIANT: As above, referenced while `self` is borrowed.
+        // INVARIANT: A collected system page, referenced by the migration
+        // until finalize, so while `self` is borrowed.
         Source::System(SystemPageRef {
             page,
             _ref: PhantomData,
@@ -613,18 +641,15 @@ impl Migrated<'_> {
     /// Maps the device pages that this migration to the device moved into
     /// its mirror, whose lock `guard` is, by their backing pages. Maps
     /// nothing, and returns `false`, if anything but the mirror's own
-    /// migrations invalidated it since `seq`, taken before
-    /// [`Migration::to_device`]: then a page that moved may be unmapped
-    /// again already. Otherwise finalize maps every moved page, and any
-    /// later invalidation erases what this maps.
-    pub fn map_into(&self, guard: &MirrorGuard<'_>, seq: Seq) -> Result<bool> {
-        if !self
-            .raw
-            .mirror
-            .is_some_and(|mirror| core::ptr::eq(mirror, guard.mirror()))
-        {
-            return Err(EINVAL);
-        }
+    /// migrations invalidated it since [`Migration::to_device`] took its
+    /// sequence: then a page that moved may be unmapped again already.
+    /// Otherwise finalize maps every moved page, and any later
+    /// invalidation erases what this maps.
+    pub fn map_into(&self, guard: &MirrorGuard<'_>) -> Result<bool> {
+        let seq = match self.raw.mirror {
+            Some((mirror, seq)) if core::ptr::eq(mirror, guard.mirror()) => seq,
+            _ => return Err(EINVAL),
+        };
         if !guard.only_own_migrations_since(seq) {
             return Ok(false);
         }
@@ -659,8 +684,9 @@ impl Migrated<'_> {
                 // SAFETY: The backing pages live as long as the device
                 // folio, which finalize maps (its migration succeeded and
                 // only this mirror's own migrations, which cannot touch a
-                // page this one holds, invalidated it since `seq`); they
-                // are erased from the table with that mapping.
+                // page this one holds, invalidated it since `seq`, taken
+                // before setup); they are erased from the table with that
+                // mapping.
                 unsafe { guard.store_raw(first + index + i, backing, access) }?;
             }
         }

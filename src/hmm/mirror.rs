@@ -2,7 +2,7 @@
 
 //! An mmu interval notifier with the device page table it keeps coherent.
 
-use super::{DevicePageTable, ExclusivePage, Owner};
+use super::{DevicePageTable, ExclusivePage, Owner, ValidPfn};
 use core::{cell::Cell, ops::Deref};
 use kernel::{
     bindings,
@@ -16,41 +16,51 @@ use kernel::{
     types::Opaque, //
 };
 
-/// An invalidation, as the notifier callback sees it.
-struct Invalidation<'a> {
-    range: &'a bindings::mmu_notifier_range,
+/// An invalidation, as the notifier callback sees it: the fields of the
+/// `mmu_notifier_range`, read out once, since the mm core owns it.
+struct Invalidation {
+    start: usize,
+    end: usize,
+    event: bindings::mmu_notifier_event,
+    owner: Option<Owner>,
+    blockable: bool,
 }
 
-impl Invalidation<'_> {
-    /// First address of the invalidated range.
-    fn start(&self) -> usize {
-        self.range.start
-    }
-
-    /// End (exclusive) of the invalidated range.
-    fn end(&self) -> usize {
-        self.range.end
+impl Invalidation {
+    /// Reads the range of a notifier callback.
+    ///
+    /// # Safety
+    ///
+    /// `range` is valid for reads, as the mm core passes it to a callback.
+    unsafe fn read(range: *const bindings::mmu_notifier_range) -> Self {
+        // SAFETY: `range` is valid for reads, per the caller; the mm core
+        // does not write to it while callbacks run.
+        let (start, end, event, owner) =
+            unsafe { ((*range).start, (*range).end, (*range).event, (*range).owner) };
+        Self {
+            start,
+            end,
+            event,
+            owner: Owner::from_ptr(owner),
+            // SAFETY: `range` is valid for reads, per the caller; this only
+            // reads its flags.
+            blockable: unsafe { bindings::mmu_notifier_range_blockable(range) },
+        }
     }
 
     /// Whether pages of the range are being migrated, or made exclusive,
     /// by `owner`.
     fn is_migration_by(&self, owner: Owner) -> bool {
         matches!(
-            self.range.event,
+            self.event,
             bindings::mmu_notifier_event_MMU_NOTIFY_MIGRATE
                 | bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE
-        ) && Owner::from_ptr(self.range.owner) == Some(owner)
+        ) && self.owner == Some(owner)
     }
 
     /// Whether the event makes a page exclusive to a device.
     fn is_exclusive(&self) -> bool {
-        self.range.event == bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE
-    }
-
-    /// Whether the callback may sleep. If not, it may only try the lock.
-    fn is_blockable(&self) -> bool {
-        // SAFETY: `self.range` is a valid notifier range.
-        unsafe { bindings::mmu_notifier_range_blockable(self.range) }
+        self.event == bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE
     }
 }
 
@@ -79,6 +89,9 @@ pub struct Seq {
 /// such a migration can still map the pages it moved
 /// ([`MirrorGuard::only_own_migrations_since`]).
 ///
+/// Dropping a mirror removes its notifier, which waits for the running
+/// invalidations of the mm: not with any mirror's lock held.
+///
 /// # Invariants
 ///
 /// `notifier` is inserted into `mm`'s interval tree, with the ops of
@@ -101,18 +114,47 @@ pub struct Mirror {
 struct MirrorState {
     #[pin]
     table: DevicePageTable,
-    /// The notifier sequence before, and after, the last unbroken run of
-    /// invalidations by this mirror's own migrations.
-    own_run: Cell<Option<(c_ulong, c_ulong)>>,
+    /// The sequence the last invalidation set: `None` before the first,
+    /// while the notifier still has the one insertion gave it. Only the
+    /// callback sets it, under this lock, so it is the notifier's own,
+    /// read without touching the notifier's private field.
+    last_set: Cell<Option<c_ulong>>,
+    /// The current unbroken run of invalidations by this mirror's own
+    /// migrations, if the last invalidation was one.
+    own_run: Cell<Option<OwnRun>>,
     /// The page index and sequence of the last invalidation by this
     /// mirror's own `make_device_exclusive()`.
     own_exclusive: Cell<Option<(usize, c_ulong)>>,
 }
 
+/// A run of invalidations by a mirror's own migrations, with nothing else
+/// among them.
+#[derive(Clone, Copy)]
+struct OwnRun {
+    /// The sequence before the run: `None` for the one the notifier had
+    /// from insertion.
+    first: Option<c_ulong>,
+    /// The sequence the run's last invalidation set, the current one.
+    last: c_ulong,
+}
+
+impl OwnRun {
+    /// Whether the sequence was `value` before the run or during it.
+    ///
+    /// The sequence only grows. A [`Seq`] holds a value the notifier had:
+    /// its first, or one the callback set. A run from the first holds all.
+    fn holds(&self, value: c_ulong) -> bool {
+        self.first
+            .is_none_or(|first| value.wrapping_sub(first) <= self.last.wrapping_sub(first))
+    }
+}
+
 // SAFETY: The notifier is only touched by the mm core and through `&self`
 // methods that the C API allows from any thread.
 unsafe impl Send for Mirror {}
-// SAFETY: As above; the rest is behind a mutex.
+// SAFETY: Shared references reach the notifier only through the C calls
+// that the mm core allows concurrently (`read_begin`, `check_retry`), and
+// the state only through its mutex.
 unsafe impl Sync for Mirror {}
 
 impl Mirror {
@@ -124,11 +166,15 @@ impl Mirror {
 
     /// Mirrors `[start, start + length)` of `mm`. The notifier is live, and
     /// may be called, as soon as this initializer has run.
+    ///
+    /// The first notifier of an mm registers with it, which takes the mmap
+    /// lock for writing: do not call it with that lock held.
     pub fn new(mm: &MmWithUser, start: usize, length: usize) -> impl PinInit<Self, Error> + '_ {
         try_pin_init!(Self {
             state <- new_mutex!(
                 pin_init!(MirrorState {
                     table <- DevicePageTable::new(),
+                    last_set: Cell::new(None),
                     own_run: Cell::new(None),
                     own_exclusive: Cell::new(None),
                 }),
@@ -137,6 +183,7 @@ impl Mirror {
             own_migration_tag: 0,
             // Inserted last: once it is in the tree, the callback may run
             // and expects the other fields to be initialized.
+            // INVARIANT: Inserted with `Self::OPS` here, removed in `drop`.
             notifier <- Opaque::try_ffi_init(|slot: *mut bindings::mmu_interval_notifier| {
                 // Start from zeroes, as C's kzalloc'ed notifiers do.
                 // SAFETY: `slot` is valid for writes of one notifier.
@@ -172,7 +219,9 @@ impl Mirror {
     /// Starts a read of the address space: waits for running invalidations
     /// to end and returns the sequence to check the result against.
     ///
-    /// It may sleep; do not call it with the mmap lock held.
+    /// It sleeps while invalidations of the mm run, so never with this
+    /// mirror's lock held, which they take. Under the mmap read lock it
+    /// waits only for invalidations that do not need that lock.
     pub fn read_begin(&self) -> Seq {
         // SAFETY: By the type invariant the notifier is inserted.
         let value = unsafe { bindings::mmu_interval_read_begin(self.notifier.get()) };
@@ -197,7 +246,9 @@ impl Mirror {
         core::ptr::from_ref(self) as usize
     }
 
-    /// Takes the mirror's lock.
+    /// Takes the mirror's lock, which every invalidation of the mirrored
+    /// address space takes too. While it is held, do nothing that starts or
+    /// waits for one (see the lock order in [`hmm`](super)).
     pub fn lock(&self) -> MirrorGuard<'_> {
         MirrorGuard {
             mirror: self,
@@ -232,13 +283,11 @@ impl Mirror {
         let this = unsafe {
             &*kernel::container_of!(Opaque::cast_from(notifier).cast_mut(), Self, notifier)
         };
-        let invalidation = Invalidation {
-            // SAFETY: The mm core passes a valid range for the callback's
-            // duration.
-            range: unsafe { &*range },
-        };
+        // SAFETY: The mm core passes a valid range for the callback's
+        // duration.
+        let invalidation = unsafe { Invalidation::read(range) };
 
-        let state = if invalidation.is_blockable() {
+        let state = if invalidation.blockable {
             this.state.lock()
         } else {
             match this.state.try_lock() {
@@ -246,30 +295,34 @@ impl Mirror {
                 None => return false,
             }
         };
-        // SAFETY: The notifier is inserted; its sequence is only written
-        // under the lock held here.
-        let before = unsafe { (*notifier).invalidate_seq };
         // SAFETY: Called from the invalidate callback of this notifier, with
         // the lock held that readers hold for `mmu_interval_read_retry`.
         unsafe { bindings::mmu_interval_set_seq(notifier, cur_seq) };
+        let before = state.last_set.replace(Some(cur_seq));
         let own = invalidation.is_migration_by(this.migration_owner());
         if own && invalidation.is_exclusive() {
             state
                 .own_exclusive
-                .set(Some((invalidation.start() >> PAGE_SHIFT, cur_seq)));
+                .set(Some((invalidation.start >> PAGE_SHIFT, cur_seq)));
         }
         state.own_run.set(match state.own_run.get() {
-            Some((first, last)) if own && last == before => Some((first, cur_seq)),
-            _ if own => Some((before, cur_seq)),
+            Some(run) if own => Some(OwnRun {
+                last: cur_seq,
+                ..run
+            }),
+            _ if own => Some(OwnRun {
+                first: before,
+                last: cur_seq,
+            }),
             _ => None,
         });
         // Exactly the pages of `[start, end)`. (`lib/test_hmm.c` drops the
         // page at `end` too; that would drop a device page next to one that
         // a CPU fault migrates back, which nothing maps again.)
-        if invalidation.end() > invalidation.start() {
+        if invalidation.end > invalidation.start {
             state.table.erase(
-                invalidation.start() >> PAGE_SHIFT,
-                (invalidation.end() - 1) >> PAGE_SHIFT,
+                invalidation.start >> PAGE_SHIFT,
+                (invalidation.end - 1) >> PAGE_SHIFT,
             );
         }
         true
@@ -315,20 +368,10 @@ impl MirrorGuard<'_> {
     }
 
     /// Whether the notifier's sequence was `value` at the start of the
-    /// current unbroken run of own invalidations, or during it, and the run
-    /// is still current: nothing but own invalidations came after `value`.
-    /// The sequence only grows, so that is `value` lying between the run's
-    /// ends.
+    /// current unbroken run of own invalidations, or during it: nothing
+    /// but own invalidations came after `value`.
     fn in_current_own_run(&self, value: c_ulong) -> bool {
-        // SAFETY: As in `has_changed`: the sequence is only written under
-        // the lock held here.
-        let now = unsafe { (*self.mirror.as_raw()).invalidate_seq };
-        match self.state.own_run.get() {
-            Some((first, last)) => {
-                last == now && value.wrapping_sub(first) <= last.wrapping_sub(first)
-            }
-            None => false,
-        }
+        self.state.own_run.get().is_some_and(|run| run.holds(value))
     }
 
     /// Maps `page`, which `ExclusivePage::make` made exclusive for this
@@ -350,15 +393,26 @@ impl MirrorGuard<'_> {
         // page, and the current run of own invalidations holds it: nothing
         // else came after it. (`at` is the sequence it set; one equal to
         // the run's start was set before the run.)
-        let run_start = self.state.own_run.get().map(|(first, _)| first);
+        let run_start = self.state.own_run.get().and_then(|run| run.first);
         let valid = self.state.own_exclusive.get().is_some_and(|(index, at)| {
             index == page.index() && run_start != Some(at) && self.in_current_own_run(at)
         });
         if !valid {
             return Ok(false);
         }
-        self.state.table.store_exclusive(page.index(), page)?;
+        // SAFETY: This mirror's lock is held, and `page` is this mirror's.
+        unsafe { self.state.table.store_exclusive(page) }?;
         Ok(true)
+    }
+
+    /// Stores a page the CPU maps, for [`LockedRange::map`](super::LockedRange::map).
+    /// `pfn` must be of this guard's mirror.
+    pub(super) fn store_valid(&self, pfn: &ValidPfn<'_>) -> Result {
+        if !core::ptr::eq(pfn.mirror(), self.mirror) {
+            return Err(EINVAL);
+        }
+        // SAFETY: This mirror's lock is held, and `pfn` is of this mirror.
+        unsafe { self.state.table.store(pfn) }
     }
 
     /// The mirror this lock belongs to.
@@ -379,7 +433,13 @@ impl MirrorGuard<'_> {
         access: super::MirroredAccess,
     ) -> Result {
         let page = core::ptr::NonNull::new(page).ok_or(EFAULT)?;
-        self.state.table.store_page(index, page, access)
+        if access == super::MirroredAccess::Atomic {
+            return Err(EINVAL);
+        }
+        // SAFETY: The lock of the mirror that owns the table is held; the
+        // caller keeps `page` allocated as the contract asks. It gives no
+        // reference, and `Atomic`, which would need one, was refused.
+        unsafe { self.state.table.store_page(index, page, access) }
     }
 }
 

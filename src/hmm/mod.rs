@@ -24,6 +24,27 @@
 //!   enforced by the types [`Collected`] and [`Migrated`].
 //!
 //! This module is the only place of the crate with `unsafe` code.
+//!
+//! # Lock order
+//!
+//! From the outermost in:
+//!
+//! 1. the mmap lock ([`MmapReadGuard`]);
+//! 2. the pools' lock ([`PoolAllocator`], and inside [`DevicePool`]'s
+//!    methods);
+//! 3. a mirror's lock ([`MirrorGuard`]). The notifier callback takes it
+//!    inside every invalidation of the mirrored address space, under
+//!    whatever the mm core holds then: page locks, the rmap locks, memory
+//!    reclaim.
+//!
+//! So, while a [`MirrorGuard`] is held, nothing may start an invalidation
+//! or wait for one: no [`HmmRange::fault`], no [`Migration`], no
+//! [`ExclusivePage::make`], no eviction, no [`Mirror::read_begin`] and no
+//! drop of a [`Mirror`]; and no allocation that may reclaim
+//! (`GFP_KERNEL`). Each would wait for the callback, which waits for the
+//! guard. [`Mirror::new`] registers with the mm, which takes the mmap lock
+//! for writing: never call it under an [`MmapReadGuard`]. The types do not
+//! rule these out (a lock held is not a type here); each method says so.
 
 mod exclusive;
 mod migrate;
@@ -46,14 +67,12 @@ pub use pagemap::{
     CpuFault, DevicePage, DevicePageRef, FaultError, Pagemap, PagemapOps, CHUNK_SIZE, FOLIO_ORDER,
     FOLIO_PAGES,
 };
-pub use pool::{init_pools, DevicePool, PoolAllocator, MAX_POOLS};
-pub use range::{HmmRange, LockedRange, PageKind, Request, ValidPfn, PMD_SHIFT, PUD_SHIFT};
-
-use kernel::{
-    bindings,
-    ffi::{c_long, c_ulong, c_void},
-    time::{msecs_to_jiffies, Msecs},
+pub use pool::{DevicePool, PoolAllocator, PoolsRegistration, MAX_POOLS};
+pub use range::{
+    HmmRange, LockedRange, PageKind, Request, ValidPfn, MAX_WINDOW_PAGES, PMD_SHIFT, PUD_SHIFT,
 };
+
+use kernel::{bindings, ffi::c_void};
 
 /// An identity for device memory: the `owner` of a `dev_pagemap`, of a
 /// migration, or of an mmu notifier event.
@@ -91,30 +110,4 @@ impl Owner {
 pub fn fatal_signal_pending() -> bool {
     // SAFETY: `current` is valid in the process context that calls this.
     unsafe { bindings::fatal_signal_pending(bindings::get_current()) != 0 }
-}
-
-/// A point in time, in jiffies, for loops that give up after a while, as
-/// C's `time_after(jiffies, timeout)`. Reading `jiffies` costs a load,
-/// where a clock read would cost more than a whole retry attempt's check.
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline(c_ulong);
-
-impl Deadline {
-    /// `ms` milliseconds from now.
-    pub fn after_ms(ms: Msecs) -> Self {
-        Deadline(jiffies().wrapping_add(msecs_to_jiffies(ms)))
-    }
-
-    /// Whether the deadline is behind us.
-    pub fn has_passed(self) -> bool {
-        // `time_after(jiffies, self)`: the difference, read as signed,
-        // stays right across a wrap of the counter.
-        (self.0.wrapping_sub(jiffies()) as c_long) < 0
-    }
-}
-
-fn jiffies() -> c_ulong {
-    // SAFETY: `jiffies` is a word that the timer tick updates; a volatile
-    // read of it is what C's `jiffies` macro is.
-    unsafe { core::ptr::read_volatile(&raw const bindings::jiffies) }
 }

@@ -21,6 +21,10 @@ use kernel::{
     types::Opaque, //
 };
 
+// `erase` uses `xa_store_range()`, which only multi-index XArrays have.
+#[cfg(not(CONFIG_XARRAY_MULTI))]
+compile_error!("the device page table needs CONFIG_XARRAY_MULTI (THP selects it)");
+
 /// How the device may access a mirrored page. The values are the XArray
 /// pointer tags `lib/test_hmm.c` uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,8 +82,10 @@ pub struct DevicePageTable {
 unsafe impl Send for DevicePageTable {}
 
 impl DevicePageTable {
-    /// Creates an empty table.
-    pub fn new() -> impl PinInit<Self> {
+    /// Creates an empty table. Only a [`Mirror`](super::Mirror) makes one,
+    /// as only its notifier erases entries before their pages go.
+    pub(super) fn new() -> impl PinInit<Self> {
+        // INVARIANT: An empty XArray; `max_index` bounds no entry yet.
         pin_init!(Self {
             // SAFETY: `xa_init_flags` initializes the XArray at `xa`.
             xa <- Opaque::ffi_init(|xa| unsafe { bindings::xa_init_flags(xa, 0) }),
@@ -159,16 +165,24 @@ impl DevicePageTable {
         self.load(index).map(|(_, access)| access)
     }
 
-    /// Maps the page of `pfn` at `index`, writable if the CPU maps it so.
-    /// Fails with `EFAULT` if `pfn` has no page.
-    pub fn store(&self, index: usize, pfn: &ValidPfn<'_>) -> Result {
+    /// Maps the page of `pfn` at its index, writable if the CPU maps it so.
+    /// Fails with `EFAULT` if `pfn` has no page. The way in is
+    /// [`LockedRange::map`](super::LockedRange::map).
+    ///
+    /// # Safety
+    ///
+    /// This is the table of `pfn`'s mirror, whose lock the caller holds.
+    pub(super) unsafe fn store(&self, pfn: &ValidPfn<'_>) -> Result {
         let page = pfn.page_ptr().ok_or(EFAULT)?;
         // A device-private page is stored by its backing page, which holds
         // its data; one this abstraction did not make is not mirrored.
-        // SAFETY: By the invariant of `ValidPfn` the page stays allocated
-        // while its mirror's lock is held, as it is for `pfn`'s lifetime.
+        // SAFETY: By the invariant of `ValidPfn` the page is allocated and
+        // mapped at `pfn.index()` while `pfn` lives, which the mirror's lock
+        // held by our caller ensures.
         let page = if unsafe { bindings::is_device_private_page(page.as_ptr()) } {
-            // SAFETY: As above.
+            // SAFETY: `page` is a valid page, kept by the CPU mapping (so
+            // kept referenced) while `pfn`'s mirror lock is held, which is
+            // for as long as the `&Pagemap` returned is used here.
             let pagemap = unsafe { Pagemap::of_page(page.as_ptr()) }.ok_or(EFAULT)?;
             // INVARIANT: A mapped device page is allocated, so it has a
             // backing page, valid while the device page is.
@@ -181,10 +195,23 @@ impl DevicePageTable {
         } else {
             MirroredAccess::Read
         };
-        self.store_page(index, page, access)
+        // SAFETY: Our caller holds the lock of the mirror that owns this
+        // table and `pfn`. The entry sits where
+        // the CPU maps the page, and the mirror's notifier erases it before
+        // the page is unmapped, so before it can be freed; a backing page
+        // lives while its device page does. `Write` and `Read` own nothing.
+        unsafe { self.store_page(pfn.index(), page, access) }
     }
 
-    pub(super) fn store_page(
+    /// Maps `page` at `index` with `access`.
+    ///
+    /// # Safety
+    ///
+    /// This is the table of a live [`Mirror`](super::Mirror), whose lock
+    /// the caller holds. `page` stays allocated until the mirror's notifier
+    /// erases `index`; with [`MirroredAccess::Atomic`], the caller hands
+    /// over a reference to it, which the entry then owns.
+    pub(super) unsafe fn store_page(
         &self,
         index: usize,
         page: NonNull<bindings::page>,
@@ -194,9 +221,10 @@ impl DevicePageTable {
         let entry = unsafe { bindings::xa_tag_pointer(page.as_ptr().cast(), access as c_ulong) };
         // GFP_ATOMIC, as in C: the lock around the table is also taken by
         // invalidations that memory reclaim may start.
-        // SAFETY: `self.xa` is initialized. INVARIANT: The caller gives a
-        // page that stays valid until the mirror erases it, and a reference
-        // with an `Atomic` one.
+        // SAFETY: `self.xa` is initialized.
+        // INVARIANT: The caller gives a page that stays allocated until the
+        // mirror erases it, and a reference with an `Atomic` one; its lock,
+        // held, orders this with erases and the `max_index` update below.
         let old = unsafe { bindings::xa_store(self.xa.get(), index, entry, bindings::GFP_ATOMIC) };
         // SAFETY: `xa_err` only decodes the entry.
         kernel::error::to_result(unsafe { bindings::xa_err(old) })?;
@@ -206,7 +234,8 @@ impl DevicePageTable {
             // SAFETY: `self.xa` is initialized and has an entry at `index`.
             unsafe { bindings::xa_set_mark(self.xa.get(), index, EXCLUSIVE_MARK) };
         } else if Self::is_exclusive(old) {
-            // SAFETY: As above.
+            // SAFETY: `self.xa` is initialized and has an entry at
+            // `index`, just stored.
             unsafe { bindings::xa_clear_mark(self.xa.get(), index, EXCLUSIVE_MARK) };
         }
         // SAFETY: `old` was an entry of the table, and is one no more.
@@ -240,13 +269,21 @@ impl DevicePageTable {
     /// `index`. The entry holds a reference to the page until it is erased,
     /// so it never outlives the page, whatever happens to the CPU mapping.
     /// [`MirrorGuard::store_exclusive`](super::MirrorGuard::store_exclusive)
-    /// is the way in: it checks the index and the sequence.
-    pub(super) fn store_exclusive(&self, index: usize, page: &ExclusivePage<'_>) -> Result {
+    /// is the way in: it checks the sequence.
+    ///
+    /// # Safety
+    ///
+    /// This is the table of `page`'s mirror, whose lock the caller holds.
+    pub(super) unsafe fn store_exclusive(&self, page: &ExclusivePage<'_>) -> Result {
+        let index = page.index();
         let page = page.page();
         // SAFETY: `page` is referenced while `ExclusivePage` is borrowed;
         // this takes a reference of the table's own.
         unsafe { bindings::get_page(page.as_ptr()) };
-        let stored = self.store_page(index, page, MirroredAccess::Atomic);
+        // SAFETY: Our caller holds the lock of the mirror that owns this
+        // table. The entry owns the reference just taken, so the
+        // page stays allocated until it is erased.
+        let stored = unsafe { self.store_page(index, page, MirroredAccess::Atomic) };
         if stored.is_err() {
             // SAFETY: Not stored: give back the reference taken above.
             unsafe { bindings::put_page(page.as_ptr()) };
@@ -334,7 +371,8 @@ impl DevicePageTable {
         let mut entry =
             unsafe { bindings::xa_find(self.xa.get(), &mut index, last, EXCLUSIVE_MARK) };
         while !entry.is_null() && f(index as usize, entry) {
-            // SAFETY: As above.
+            // SAFETY: `self.xa` is initialized; `xa_find_after` takes the
+            // RCU read lock itself.
             entry =
                 unsafe { bindings::xa_find_after(self.xa.get(), &mut index, last, EXCLUSIVE_MARK) };
         }

@@ -21,6 +21,7 @@
 
 use super::Owner;
 use core::{
+    marker::PhantomData,
     ptr::NonNull,
     sync::atomic::{AtomicPtr, Ordering},
 };
@@ -57,7 +58,10 @@ pub trait PagemapOps: Send + Sync {
     /// The CPU touched a device-private page of `pagemap` (`migrate_to_ram`):
     /// migrate it back to system memory, for example with
     /// [`Migration::setup_fault`](super::Migration::setup_fault). The fault
-    /// is retried when this returns.
+    /// is retried when this returns: an `Ok` that left the page where it
+    /// was faults again, until the task is killed. 7.3 calls it with the
+    /// mmap read lock held (a fault under the VMA lock alone is retried
+    /// first, mm/memory.c `do_swap_page`) and the page referenced.
     fn migrate_to_ram(&self, pagemap: &Pagemap, fault: &CpuFault<'_>) -> Result<(), FaultError>;
 
     /// A page of `pagemap` was freed (`folio_free`), after its backing page
@@ -77,31 +81,38 @@ pub enum FaultError {
 
 /// A CPU fault on a device-private page, as `migrate_to_ram` sees it.
 ///
+/// The fields are read out of the `vm_fault` once, when the callback
+/// starts: the mm core owns that struct and may write to it.
+///
 /// # Invariants
 ///
-/// `vmf` is the fault being handled: its VMA is locked (mmap or VMA read
-/// lock) and its `page`, a device page of a live [`Pagemap`], is referenced
-/// for `'a`.
+/// `vma` and `page` are those of the fault being handled, for `'a`: the
+/// mmap read lock of the VMA's mm is held and `page`, a device page of a
+/// live [`Pagemap`], is referenced.
 pub struct CpuFault<'a> {
-    pub(super) vmf: &'a bindings::vm_fault,
+    address: usize,
+    pte: bool,
+    pub(super) vma: *mut bindings::vm_area_struct,
+    pub(super) page: NonNull<bindings::page>,
+    _fault: PhantomData<&'a bindings::vm_fault>,
 }
 
 impl CpuFault<'_> {
     /// The faulting virtual address.
     pub fn address(&self) -> usize {
-        self.vmf.__bindgen_anon_1.address
+        self.address
     }
 
     /// Whether the page was found through a PTE (a small mapping), rather
     /// than a PMD.
     pub fn is_pte(&self) -> bool {
-        !self.vmf.pte.is_null()
+        self.pte
     }
 
     /// The order of the faulting device folio.
     pub fn folio_order(&self) -> u32 {
         // SAFETY: By the type invariant the page is referenced.
-        unsafe { bindings::folio_order(bindings::page_folio(self.vmf.page)) }
+        unsafe { bindings::folio_order(bindings::page_folio(self.page.as_ptr())) }
     }
 }
 
@@ -211,7 +222,9 @@ pub struct Pagemap {
 // SAFETY: The pagemap is only changed by the mm core and through the free
 // list, which has its own lock.
 unsafe impl Send for Pagemap {}
-// SAFETY: As above.
+// SAFETY: Shared references change the pagemap only through the free
+// list's spinlock and the backing array's atomics; the `dev_pagemap` is
+// the mm core's, which synchronizes its own use.
 unsafe impl Sync for Pagemap {}
 
 impl Pagemap {
@@ -219,7 +232,7 @@ impl Pagemap {
     /// maps device-private pages over it, owned by `owner`. Faults on them
     /// go to `ops`. Its pages are for large folios if `large_folios`, else for
     /// small pages.
-    pub fn new(
+    pub(super) fn new(
         owner: Owner,
         ops: &'static dyn PagemapOps,
         large_folios: bool,
@@ -262,6 +275,9 @@ impl Pagemap {
                 ),
                 region,
                 // Mapped last: once mapped, the callbacks may run.
+                // INVARIANT: Mapped here with `PAGEMAP_OPS`, `owner` and the
+                // one range of `region`, unmapped in `drop`; the free lists
+                // above list every page once, all free.
                 pgmap <- Opaque::try_ffi_init(move |slot: *mut bindings::dev_pagemap| {
                     // SAFETY: `slot` is valid for writes of one pagemap;
                     // zeroes are its documented initial state.
@@ -311,7 +327,8 @@ impl Pagemap {
         // SAFETY: A ZONE_DEVICE page has a pagemap, alive while it is
         // referenced.
         let pgmap = unsafe { bindings::page_pgmap(page) };
-        // SAFETY: As above, `pgmap` is valid.
+        // SAFETY: `pgmap` is the page's pagemap, live while the page is
+        // referenced; `ops` is set before mapping and never changes.
         if !core::ptr::eq(unsafe { (*pgmap).ops }, &PAGEMAP_OPS) {
             return None;
         }
@@ -324,7 +341,7 @@ impl Pagemap {
     /// Allocates a page: a device page with a fresh backing page, locked,
     /// with one reference. Fails with `ENOSPC` when the pagemap is full or
     /// being removed, and `ENOMEM` when no backing page is available.
-    pub fn alloc_page(&self) -> Result<DevicePage> {
+    pub(super) fn alloc_page(&self) -> Result<DevicePage> {
         self.alloc(0)
     }
 
@@ -332,7 +349,7 @@ impl Pagemap {
     /// aligned, each with a backing page; locked, with one reference.
     /// Fails as [`alloc_page`](Self::alloc_page); only a pagemap made for
     /// large folios has any.
-    pub fn alloc_folio(&self) -> Result<DevicePage> {
+    pub(super) fn alloc_folio(&self) -> Result<DevicePage> {
         self.alloc(FOLIO_ORDER)
     }
 
@@ -380,7 +397,8 @@ impl Pagemap {
         // SAFETY: `first` is a fresh non-compound block of this order.
         let first_backing = unsafe { bindings::page_to_pfn(first.as_ptr()) } as usize;
         if order > 0 {
-            // SAFETY: As above; afterwards each page is an order-0 page.
+            // SAFETY: `first` is a fresh non-compound block of `order`,
+            // ours alone; afterwards each page is an order-0 page.
             unsafe { bindings::split_page(first.as_ptr(), order) };
         }
         for i in 0..nr {
@@ -418,7 +436,8 @@ impl Pagemap {
     /// Migrates every page of this pagemap that is in use back to system
     /// memory (`migrate_device_range`), as C's `dmirror_device_evict_chunk`.
     /// Pages that cannot be migrated right now (locked or held elsewhere)
-    /// are left where they are.
+    /// are left where they are. It invalidates: not with a mirror's lock
+    /// held.
     pub fn evict(&self) {
         super::migrate::evict_range(self.first_pfn, CHUNK_PAGES);
     }
@@ -440,7 +459,7 @@ impl Pagemap {
         let Some(this) = (unsafe { Self::of_page(page) }) else {
             return;
         };
-        // SAFETY: As above.
+        // SAFETY: `folio` is valid for the callback's duration.
         let order = unsafe { bindings::folio_order(folio) };
         let nr = 1usize << order;
         // SAFETY: `page` belongs to this pagemap's range.
@@ -481,19 +500,39 @@ impl Pagemap {
     /// # Safety
     ///
     /// Called by the mm core for a CPU fault on a device-private page of a
-    /// pagemap that uses [`PAGEMAP_OPS`], with the VMA locked and the page
+    /// pagemap that uses [`PAGEMAP_OPS`], with the mmap read lock of the
+    /// VMA's mm held (see [`PagemapOps::migrate_to_ram`]) and the page
     /// referenced.
     unsafe extern "C" fn migrate_to_ram_callback(
         vmf: *mut bindings::vm_fault,
     ) -> bindings::vm_fault_t {
-        // SAFETY: `vmf` is valid for the callback's duration.
-        let vmf = unsafe { &*vmf };
-        // SAFETY: The faulting page is referenced by the fault path.
-        let Some(this) = (unsafe { Self::of_page(vmf.page) }) else {
+        // SAFETY: `vmf` is valid for the callback's duration; the mm core
+        // set these fields before the call and does not change them in it.
+        let (address, pte, vma, page) = unsafe {
+            (
+                (*vmf).__bindgen_anon_1.address,
+                !(*vmf).pte.is_null(),
+                (*vmf).__bindgen_anon_1.vma,
+                (*vmf).page,
+            )
+        };
+        let Some(page) = NonNull::new(page) else {
             return bindings::vm_fault_reason_VM_FAULT_SIGBUS;
         };
-        // INVARIANT: This is the fault being handled, per the caller.
-        let fault = CpuFault { vmf };
+        // SAFETY: The faulting page is referenced by the fault path for
+        // the callback's duration.
+        let Some(this) = (unsafe { Self::of_page(page.as_ptr()) }) else {
+            return bindings::vm_fault_reason_VM_FAULT_SIGBUS;
+        };
+        // INVARIANT: The VMA and page of the fault being handled, locked
+        // and referenced by the caller until we return.
+        let fault = CpuFault {
+            address,
+            pte,
+            vma,
+            page,
+            _fault: PhantomData,
+        };
         match this.ops.migrate_to_ram(this, &fault) {
             Ok(()) => 0,
             Err(FaultError::Oom) => bindings::vm_fault_reason_VM_FAULT_OOM,
@@ -513,7 +552,10 @@ impl PinnedDrop for Pagemap {
         }
         // Evict until no page is left in use: a page may be locked by a
         // migration that runs right now, and only be mapped when it ends.
-        // `memunmap_pages()` waits for every page to be freed.
+        // `memunmap_pages()` waits for every page to be freed. Only the
+        // pools drop a pagemap: `DevicePool::remove_chunks` only one with
+        // no page left, `PoolsRegistration` at module exit, when no
+        // migration or `DevicePage` can hold one any more.
         let mut rounds = 0u32;
         while self.allocated() != 0 {
             self.evict();
@@ -633,7 +675,8 @@ impl<'a> DevicePageRef<'a> {
             let folio = bindings::page_folio(self.page.as_ptr());
             (folio, bindings::page_to_pfn(self.page.as_ptr()) as usize)
         };
-        // SAFETY: As above.
+        // SAFETY: `folio` is the folio of the referenced page, so valid,
+        // and its first page too.
         let (order, head) = unsafe {
             (
                 bindings::folio_order(folio),

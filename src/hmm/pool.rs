@@ -13,11 +13,26 @@ use kernel::{prelude::*, sync::Arc};
 /// The most pools (devices) there can be.
 pub const MAX_POOLS: usize = 4;
 
+/// The pagemaps of every pool, while [`PoolsRegistration`] lives.
+struct Pools {
+    chunks: [KVec<Arc<Pagemap>>; MAX_POOLS],
+    /// Pagemaps taken out of their pool whose pages were still in use:
+    /// removed at the next [`DevicePool::remove_chunks`] that finds them
+    /// unused, or when the registration goes.
+    retiring: KVec<Arc<Pagemap>>,
+    /// Whether the registration lives. Checked under the lock, so that
+    /// nothing adds a pagemap after the registration took them all.
+    open: bool,
+}
+
 kernel::sync::global_lock! {
-    // SAFETY: `init_pools` initializes it once, before any use: every use
-    // goes through `pools()`, which checks that it was initialized.
-    unsafe(uninit) static POOLS: Mutex<[KVec<Arc<Pagemap>>; MAX_POOLS]> =
-        [KVec::new(), KVec::new(), KVec::new(), KVec::new()];
+    // SAFETY: `PoolsRegistration::new` initializes it once, before any
+    // use: every use goes through `pools()`, which checks that it was.
+    unsafe(uninit) static POOLS: Mutex<Pools> = Pools {
+        chunks: [KVec::new(), KVec::new(), KVec::new(), KVec::new()],
+        retiring: KVec::new(),
+        open: false,
+    };
 }
 
 const UNINIT: u8 = 0;
@@ -25,17 +40,44 @@ const INITIALIZING: u8 = 1;
 const READY: u8 = 2;
 static POOLS_STATE: AtomicU8 = AtomicU8::new(UNINIT);
 
-/// Sets up the pools of this module. Call it once from module init; later
-/// calls do nothing.
-pub fn init_pools() {
-    if POOLS_STATE
-        .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-    {
+/// The device memory pools of this module, usable while this lives. The
+/// module keeps it: its drop removes every pagemap, so that none outlives
+/// the module whose code its ops point at.
+#[must_use = "the pools are removed when this is dropped"]
+pub struct PoolsRegistration(());
+
+impl PoolsRegistration {
+    /// Sets up the pools, once per module load (`EBUSY` after that).
+    pub fn new() -> Result<Self> {
+        POOLS_STATE
+            .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
+            .map_err(|_| EBUSY)?;
         // SAFETY: The state machine lets exactly one caller get here, and
         // nobody uses the lock before `READY` is published below.
         unsafe { POOLS.init() };
+        POOLS.lock().open = true;
         POOLS_STATE.store(READY, Ordering::Release);
+        Ok(Self(()))
+    }
+}
+
+impl Drop for PoolsRegistration {
+    /// Removes every pagemap. Each waits until its pages are freed: at
+    /// module exit no file is open, so no migration holds one, and pages
+    /// that processes map are evicted.
+    fn drop(&mut self) {
+        let (chunks, retiring) = {
+            let mut pools = POOLS.lock();
+            pools.open = false;
+            (
+                core::mem::take(&mut pools.chunks),
+                core::mem::take(&mut pools.retiring),
+            )
+        };
+        // Without the lock: a pagemap waits here until its pages are
+        // freed, and whoever holds one may need the lock to get on.
+        drop(chunks);
+        drop(retiring);
     }
 }
 
@@ -43,7 +85,11 @@ fn pools() -> Result<kernel::sync::GlobalGuard<POOLS>> {
     if POOLS_STATE.load(Ordering::Acquire) != READY {
         return Err(EINVAL);
     }
-    Ok(POOLS.lock())
+    let pools = POOLS.lock();
+    if !pools.open {
+        return Err(EINVAL);
+    }
+    Ok(pools)
 }
 
 /// The device-private memory of one device: [`Pagemap`]s of
@@ -58,7 +104,8 @@ pub struct DevicePool {
 
 impl DevicePool {
     /// The pool number `id`, whose pagemaps belong to `owner` and send
-    /// their faults to `ops`. [`init_pools`] must have run.
+    /// their faults to `ops`. Its methods fail with `EINVAL` unless a
+    /// [`PoolsRegistration`] lives.
     pub fn new(id: usize, owner: Owner, ops: &'static dyn PagemapOps) -> Result<Self> {
         if id >= MAX_POOLS {
             return Err(EINVAL);
@@ -69,7 +116,8 @@ impl DevicePool {
     /// Adds a pagemap for small pages to the pool.
     pub fn add_chunk(&self) -> Result {
         let mut pools = pools()?;
-        self.add_locked(&mut pools[self.id], false).map(|_| ())
+        self.add_locked(&mut pools.chunks[self.id], false)
+            .map(|_| ())
     }
 
     fn add_locked<'a>(
@@ -100,12 +148,13 @@ impl DevicePool {
     }
 
     /// Migrates every device page of the pool back to system memory, as C
-    /// does when a file is released.
+    /// does when a file is released. It invalidates: not with a mirror's
+    /// lock held.
     pub fn evict(&self) {
         let Ok(pools) = pools() else {
             return;
         };
-        for chunk in pools[self.id].iter() {
+        for chunk in pools.chunks[self.id].iter() {
             chunk.evict();
         }
     }
@@ -113,15 +162,36 @@ impl DevicePool {
     /// Removes every pagemap of the pool: evicts its pages, unmaps it and
     /// releases its address range (C's `dmirror_device_remove_chunks`).
     /// Later allocations add new ones.
-    pub fn remove_chunks(&self) {
-        let chunks = match pools() {
-            Ok(mut pools) => core::mem::take(&mut pools[self.id]),
-            Err(_) => return,
-        };
-        // Dropped without the lock: an allocation that holds a page of one
-        // of them, and waits for the lock, must be able to go on, or the
-        // pagemap would wait for that page for ever.
-        drop(chunks);
+    ///
+    /// A pagemap whose pages are still in use after eviction (a migration
+    /// or a [`DevicePage`] holds one, maybe the caller's) is set aside, not
+    /// waited for: the next call removes it once it is unused, and the
+    /// [`PoolsRegistration`] at the latest. So this never waits for a page,
+    /// and may hold the pools' lock throughout, as C holds its own.
+    pub fn remove_chunks(&self) -> Result {
+        let mut pools = pools()?;
+        let pools = &mut *pools;
+        let count = pools.chunks[self.id].len() + pools.retiring.len();
+        let mut chunks = KVec::with_capacity(count, GFP_KERNEL)?;
+        // Room to set every one aside again: none is dropped in use.
+        pools.retiring.reserve(count, GFP_KERNEL)?;
+        while let Some(chunk) = pools.chunks[self.id].pop() {
+            let _ = chunks.push_within_capacity(chunk);
+        }
+        while let Some(chunk) = pools.retiring.pop() {
+            let _ = chunks.push_within_capacity(chunk);
+        }
+        for chunk in chunks {
+            // `migrate_device_range()` only trylocks the pages, so this
+            // does not wait for a migration that holds one.
+            chunk.evict();
+            if chunk.allocated() != 0 {
+                let _ = pools.retiring.push_within_capacity(chunk);
+            }
+            // Else dropped here: unmapped, with no page left to wait for.
+            // Only the pools allocate from a pagemap, and this one is out.
+        }
+        Ok(())
     }
 }
 
@@ -151,7 +221,7 @@ impl PoolAllocator<'_> {
                 chunk.alloc_page()
             }
         };
-        let chunks = &mut self.pools[self.pool.id];
+        let chunks = &mut self.pools.chunks[self.pool.id];
         // `ENOSPC`: that pagemap is full, try the next one. Any other
         // error (no memory for the backing pages) would be the same with
         // a new pagemap.

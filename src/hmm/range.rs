@@ -3,7 +3,7 @@
 //! `hmm_range_fault()` over a window of a [`Mirror`].
 
 use super::{mirror::Seq, DevicePageTable, Mirror, MirrorGuard, MmapReadGuard, Owner};
-use core::{marker::PhantomData, ptr::NonNull};
+use core::ptr::NonNull;
 use kernel::{
     bindings,
     error::to_result,
@@ -37,6 +37,9 @@ impl Request {
     }
 }
 
+/// The most pages an [`HmmRange`] window may have: 2 KiB of entries.
+pub const MAX_WINDOW_PAGES: usize = 128;
+
 /// A window of at most `N` pages of a [`Mirror`]'s address space, with the
 /// `hmm_range_fault()` output for it.
 ///
@@ -45,6 +48,9 @@ impl Request {
 /// [`fault_unlockable`](Self::fault_unlockable), drop the mmap lock, then
 /// [`lock_if_valid`](Self::lock_if_valid); any `EBUSY` or `None` on the way
 /// means: start a new attempt.
+///
+/// The entries live inline, two words per page: `N` is at most
+/// [`MAX_WINDOW_PAGES`], so that a range fits on the kernel stack.
 pub struct HmmRange<'m, const N: usize> {
     mirror: &'m Mirror,
     start: usize,
@@ -69,6 +75,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
     /// private pages of `owner` are reported as they are rather than
     /// faulted back to system memory.
     pub fn new(mirror: &'m Mirror, request: Request, owner: Option<Owner>) -> Self {
+        const { assert!(N > 0 && N <= MAX_WINDOW_PAGES) };
         Self {
             mirror,
             start: 0,
@@ -206,7 +213,8 @@ impl<'m, const N: usize> HmmRange<'m, N> {
     }
 
     /// `hmm_range_fault()`: fills the window's pfns, faulting pages in as
-    /// the request asks. `EBUSY` means the attempt must start over.
+    /// the request asks. `EBUSY` means the attempt must start over. A fault
+    /// may invalidate: not with the mirror's lock held.
     pub fn fault(&mut self, lock: &MmapReadGuard<'_>) -> Result {
         let mut range = self.raw(lock)?;
         // SAFETY: `range` points at this window's pfns (room for its pages),
@@ -319,31 +327,46 @@ pub struct LockedRange<'r, 'm, const N: usize> {
 }
 
 impl<const N: usize> LockedRange<'_, '_, N> {
-    /// The mirror's device page table.
+    /// The mirror's device page table, to read.
     pub fn table(&self) -> &DevicePageTable {
         &self.guard
     }
 
-    /// The window's pages, in address order, as (virtual page number, pfn).
-    pub fn pfns(&self) -> impl Iterator<Item = (usize, ValidPfn<'_>)> + '_ {
+    /// The window's pages, in address order.
+    pub fn pfns(&self) -> impl Iterator<Item = ValidPfn<'_>> + '_ {
         let first = self.range.start >> PAGE_SHIFT;
         let count = (self.range.end - self.range.start) >> PAGE_SHIFT;
+        let mirror = self.guard.mirror();
         self.range.pfns[..count]
             .iter()
             .enumerate()
             .map(move |(i, &raw)| {
-                (
-                    first + i,
-                    // INVARIANT: By the type invariant, `raw` is an output
-                    // entry that no invalidation has touched, under the
-                    // mirror's lock borrowed for `'_`: a VALID one names a
-                    // page the CPU maps, so one still allocated.
-                    ValidPfn {
-                        raw: huge_entry_at(raw, first + i),
-                        _lock: PhantomData,
-                    },
-                )
+                // INVARIANT: By the type invariant, `raw` is an output entry
+                // for the page at `first + i` that no invalidation of
+                // `mirror` has touched, and `mirror`'s lock is held while
+                // `self` is borrowed for `'_`: a VALID one names a page the
+                // CPU maps there, so one still allocated.
+                ValidPfn {
+                    raw: huge_entry_at(raw, first + i),
+                    index: first + i,
+                    mirror,
+                }
             })
+    }
+
+    /// Maps the page of `pfn`, one of [`Self::pfns`], in the mirror's
+    /// device page table at its own address, writable if the CPU maps it
+    /// so. Fails with `EFAULT` if `pfn` has no page, and with `EINVAL` if
+    /// it is another mirror's.
+    ///
+    /// This is the only way into the table for a faulted page: the entry
+    /// sits where the CPU maps the page, in the table of the mirror whose
+    /// notifier will erase it before the CPU unmaps the page.
+    pub fn map(&self, pfn: &ValidPfn<'_>) -> Result {
+        // Two `LockedRange`s of one mirror cannot coexist (each holds its
+        // lock), so a `ValidPfn` of this mirror is one of `self`'s, which
+        // `store_valid` checks.
+        self.guard.store_valid(pfn)
     }
 }
 
@@ -372,7 +395,7 @@ fn huge_entry_at(raw: c_ulong, index: usize) -> c_ulong {
         let folio = bindings::page_folio(bindings::pfn_to_page(pfn));
         bindings::folio_page(folio, (index as c_ulong & mask) as usize)
     };
-    // SAFETY: As above.
+    // SAFETY: `page` is a page of that allocated folio.
     let pfn = unsafe { bindings::page_to_pfn(page) };
     (raw & bindings::hmm_pfn_flags_HMM_PFN_FLAGS) | pfn
 }
@@ -396,20 +419,33 @@ pub enum PageKind {
     DeviceCoherent(Option<Owner>),
 }
 
-/// One `hmm_range_fault()` output entry, readable while the mirror's lock
-/// that made it valid is held.
+/// One `hmm_range_fault()` output entry of a [`LockedRange`], readable
+/// while the mirror's lock that made it valid is held.
 ///
 /// # Invariants
 ///
-/// If `raw` has `HMM_PFN_VALID`, it names a page that stays allocated for
-/// `'a`: the mirror's lock is held and no invalidation has run since the
-/// range was faulted, so the CPU still maps the page.
+/// - `raw` is the output entry for the page at `index` (virtual address >>
+///   `PAGE_SHIFT`) of `mirror`'s interval.
+/// - If `raw` has `HMM_PFN_VALID`, it names the page the CPU maps there,
+///   which stays allocated and mapped for `'a`: `mirror`'s lock is held
+///   and no invalidation of `mirror` has run since the range was faulted.
 pub struct ValidPfn<'a> {
     raw: c_ulong,
-    _lock: PhantomData<&'a ()>,
+    index: usize,
+    mirror: &'a Mirror,
 }
 
 impl ValidPfn<'_> {
+    /// The mirror whose lock keeps this entry valid.
+    pub(super) fn mirror(&self) -> &Mirror {
+        self.mirror
+    }
+
+    /// The page's virtual page number (address >> `PAGE_SHIFT`).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// Whether a page is present (`HMM_PFN_VALID`).
     pub fn is_valid(&self) -> bool {
         self.raw & bindings::hmm_pfn_flags_HMM_PFN_VALID != 0
@@ -470,11 +506,16 @@ impl ValidPfn<'_> {
                 false => PageKind::System,
             });
         }
-        // SAFETY: `page` is a ZONE_DEVICE page, which always has a pagemap,
-        // live while its pages are.
-        let pgmap = unsafe { &*bindings::page_pgmap(page) };
-        let owner = Owner::from_ptr(pgmap.owner);
-        Some(match pgmap.type_ {
+        // SAFETY: `page` is a ZONE_DEVICE page, allocated for `'_`, which
+        // always has a pagemap, live while its pages are. Its `owner` and
+        // `type_` are set before it is mapped and never change; the rest
+        // (its `percpu_ref`) is the kernel's, and not referenced here.
+        let (owner, type_) = unsafe {
+            let pgmap = bindings::page_pgmap(page);
+            ((*pgmap).owner, (*pgmap).type_)
+        };
+        let owner = Owner::from_ptr(owner);
+        Some(match type_ {
             bindings::memory_type_MEMORY_DEVICE_PRIVATE => PageKind::DevicePrivate(owner),
             bindings::memory_type_MEMORY_DEVICE_COHERENT => PageKind::DeviceCoherent(owner),
             _ => PageKind::System,
