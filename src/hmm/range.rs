@@ -345,9 +345,11 @@ impl<const N: usize> LockedRange<'_, '_, N> {
                 // for the page at `first + i` that no invalidation of
                 // `mirror` has touched, and `mirror`'s lock is held while
                 // `self` is borrowed for `'_`: a VALID one names a page the
-                // CPU maps there, so one still allocated.
+                // CPU maps there, so one still allocated. (Plain 7.3 named
+                // the wrong page of a device-private PMD for a window that
+                // starts inside it; patches/0008 fixes the kernel.)
                 ValidPfn {
-                    raw: huge_entry_at(raw, first + i),
+                    raw,
                     index: first + i,
                     mirror,
                 }
@@ -368,36 +370,6 @@ impl<const N: usize> LockedRange<'_, '_, N> {
         // `store_valid` checks.
         self.guard.store_valid(pfn)
     }
-}
-
-/// The output entry `raw` for the page at `index` (virtual address >>
-/// `PAGE_SHIFT`), with the pfn of that very page.
-///
-/// 7.3's `hmm_vma_handle_absent_pmd()` fills a device-private PMD from the
-/// folio's first page whatever the range's start, so a window that starts
-/// inside the PMD gets every pfn shifted back. A huge mapping starts at an
-/// address aligned to its size, so the page at `index` is the page
-/// `index % size` of the folio. Entries that already agree (all correct
-/// ones, as physically aligned folios) cost one comparison.
-fn huge_entry_at(raw: c_ulong, index: usize) -> c_ulong {
-    let order = map_order(raw);
-    let mask: c_ulong = (1 << order) - 1;
-    let pfn = raw & !bindings::hmm_pfn_flags_HMM_PFN_FLAGS;
-    if order == 0
-        || raw & bindings::hmm_pfn_flags_HMM_PFN_VALID == 0
-        || (pfn ^ index as c_ulong) & mask == 0
-    {
-        return raw;
-    }
-    // SAFETY: A valid entry names a page mapped, so allocated, while the
-    // mirror's lock is held (the caller's); its folio is the huge mapping's.
-    let page = unsafe {
-        let folio = bindings::page_folio(bindings::pfn_to_page(pfn));
-        bindings::folio_page(folio, (index as c_ulong & mask) as usize)
-    };
-    // SAFETY: `page` is a page of that allocated folio.
-    let pfn = unsafe { bindings::page_to_pfn(page) };
-    (raw & bindings::hmm_pfn_flags_HMM_PFN_FLAGS) | pfn
 }
 
 /// `hmm_pfn_to_map_order()` of the output entry `raw`, decoded here: this

@@ -38,6 +38,7 @@ pub const TESTS: &[Test] = &[
         refault_after_remote_migration,
     ),
     Test::new("devmem.refault_after_mprotect", refault_after_mprotect),
+    Test::new("devmem.refault_thp_offset", refault_thp_offset),
     Test::new("devmem.exclusive", exclusive),
     Test::new("devmem.exclusive_mprotect", exclusive_mprotect),
     Test::new("devmem.exclusive_fork", exclusive_fork),
@@ -515,6 +516,36 @@ fn refault_after_mprotect() -> TestResult {
     refault_read(&d, &buf)?;
     buf.protect(RW)?;
     refault_write(&d, &buf)
+}
+
+/// READ from inside a device THP after mprotect() erased its mirror:
+/// every page reads its own words. 7.3's hmm_vma_handle_absent_pmd()
+/// filled a device-private PMD's pfns from its first page whatever the
+/// range's start, so a window that starts k pages in mirrored the pages k
+/// before (patch 0008 fixes it).
+fn refault_thp_offset() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let (_region, addr) = thp_buffer(&d)?;
+    let size = mem::pmd_size();
+    let n = npages(size);
+    let out = Mapping::rw(size)?;
+    let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    mem::protect(addr, size, libc::PROT_READ)?;
+    let snap = Mapping::rw(1)?;
+    d.snapshot(addr, snap.addr(), 1)?;
+    ensure_eq!(
+        snap.bytes()[0],
+        HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_PMD
+    );
+    let (first, count) = (7, 9);
+    let words_per_page = page_size() / 4;
+    let out = Mapping::rw(count * page_size())?;
+    let c = d.read(addr + first * page_size(), out.addr(), count)?;
+    ensure_eq!(c.cpages, count as u64);
+    check_each("device read from page 7 of the THP", out.words(), |i| {
+        (first * words_per_page + i) as u32
+    })
 }
 
 /// READ of `buf`, whose words hold their index, through `d`.
