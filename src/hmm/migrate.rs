@@ -33,7 +33,7 @@ use kernel::{
     bindings,
     error::to_result,
     ffi::c_ulong,
-    mm::virt::VmaRef,
+    mm::virt::{flags as vm_flags, VmaRef},
     page::{PAGE_SHIFT, PAGE_SIZE},
     prelude::*, //
 };
@@ -92,7 +92,9 @@ impl SystemPageRef<'_> {
                 bindings::folio_order(folio),
             )
         };
-        if pfn + i >= head + (1usize << order) {
+        // `pfn` is in the folio, so the pages left from it do not wrap;
+        // comparing `i` with them does not overflow for any `i`.
+        if i >= head + (1usize << order) - pfn {
             return core::ptr::null_mut();
         }
         // SAFETY: A page of the same referenced folio, by pfn.
@@ -209,7 +211,9 @@ impl DevicePage {
             if dst.is_null() {
                 continue;
             }
-            let from = src.map_or(core::ptr::null_mut(), |src| src.subpage(offset + i));
+            let from = src.map_or(core::ptr::null_mut(), |src| {
+                src.subpage(offset.saturating_add(i))
+            });
             if from.is_null() {
                 // SAFETY: The backing page is ours while the device page is.
                 unsafe { bindings::clear_highpage(dst) };
@@ -246,6 +250,8 @@ struct Raw<'a> {
     src: KVVec<c_ulong>,
     dst: KVVec<c_ulong>,
     pages_moved: bool,
+    /// Whether the VMA is writable, as a hole that gets a page will be.
+    holes_writable: bool,
     /// The mirror a migration to the device is for, and its sequence
     /// taken before setup.
     mirror: Option<(&'a Mirror, Seq)>,
@@ -335,15 +341,21 @@ impl Migration {
         // lock held, `read_begin` waits only for invalidations that do not
         // need it.
         let seq = mirror.read_begin();
-        let mut collected = Self::setup_raw(
-            vma.as_ptr(),
-            start,
-            end,
-            Select::System,
-            compound,
-            mirror.migration_owner(),
-            core::ptr::null_mut(),
-        )?;
+        let holes_writable = vma.flags() & vm_flags::WRITE != 0;
+        // SAFETY: `vma` is alive for `'a`, and of the mm whose mmap read
+        // lock `lock` holds for `'a`, as checked above.
+        let mut collected = unsafe {
+            Self::setup_raw(
+                vma.as_ptr(),
+                start,
+                end,
+                Select::System,
+                compound,
+                mirror.migration_owner(),
+                core::ptr::null_mut(),
+                holes_writable,
+            )
+        }?;
         collected.raw.mirror = Some((mirror, seq));
         Ok(collected)
     }
@@ -360,15 +372,20 @@ impl Migration {
         owner: Owner,
     ) -> Result<Collected<'a>> {
         check_vma_locked(lock, vma)?;
-        Self::setup_raw(
-            vma.as_ptr(),
-            start,
-            end,
-            Select::DevicePrivate,
-            compound,
-            owner,
-            core::ptr::null_mut(),
-        )
+        // SAFETY: `vma` is alive for `'a`, and of the mm whose mmap read lock
+        // `lock` holds for `'a`, as checked above.
+        unsafe {
+            Self::setup_raw(
+                vma.as_ptr(),
+                start,
+                end,
+                Select::DevicePrivate,
+                compound,
+                owner,
+                core::ptr::null_mut(),
+                false,
+            )
+        }
     }
 
     /// Sets up the migration of `[start, end)` back to system memory from
@@ -380,19 +397,30 @@ impl Migration {
         compound: bool,
         owner: Owner,
     ) -> Result<Collected<'a>> {
-        Self::setup_raw(
-            fault.vma,
-            start,
-            end,
-            Select::DevicePrivate,
-            compound,
-            owner,
-            fault.page.as_ptr(),
-        )
+        // SAFETY: By `CpuFault`'s invariant its VMA is locked, with the
+        // mmap read lock of its mm, for `'a`.
+        unsafe {
+            Self::setup_raw(
+                fault.vma,
+                start,
+                end,
+                Select::DevicePrivate,
+                compound,
+                owner,
+                fault.page.as_ptr(),
+                false,
+            )
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn setup_raw<'a>(
+    ///
+    /// # Safety
+    ///
+    /// `vma` is a VMA that stays alive for `'a`, and the mmap read lock of
+    /// its mm is held for `'a`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn setup_raw<'a>(
         vma: *mut bindings::vm_area_struct,
         start: usize,
         end: usize,
@@ -400,6 +428,7 @@ impl Migration {
         compound: bool,
         owner: Owner,
         fault_page: *mut bindings::page,
+        holes_writable: bool,
     ) -> Result<Collected<'a>> {
         if start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || start >= end {
             return Err(EINVAL);
@@ -433,9 +462,9 @@ impl Migration {
             flags: flags as c_ulong,
             fault_page,
         };
-        // SAFETY: `vma` is locked for `'a` (the caller holds the mmap read
-        // lock, or handles a fault on it); the arrays have room for every
-        // page of `[start, end)` and do not move (they are on the heap).
+        // SAFETY: `vma` is alive and its mm's mmap read lock held for `'a`,
+        // per our caller; the arrays have room for every page of
+        // `[start, end)` and do not move (they are on the heap).
         // `migrate_vma_setup` checks that the range is inside the VMA.
         to_result(unsafe { bindings::migrate_vma_setup(&mut args) })?;
         // INVARIANT: Set up; `dst` is all zeroes.
@@ -445,6 +474,7 @@ impl Migration {
                 src,
                 dst,
                 pages_moved: false,
+                holes_writable,
                 mirror: None,
                 _vma: PhantomData,
             },
@@ -543,8 +573,9 @@ impl<'a> Collected<'a> {
         })
     }
 
-    /// Hands `page` over as the destination of the page at `index`,
-    /// writable in the CPU page table if `writable`. A large folio moves a
+    /// Hands `page` over as the destination of the page at `index`, to be
+    /// mirrored writable if `writable` and the CPU maps it writable (as
+    /// the source was, or for a hole as the VMA allows). A large folio moves a
     /// compound entry whole; small pages at a compound entry and the ones
     /// after it split the source folio. A destination given twice replaces
     /// the first, which is released. A large folio at an entry that is not
@@ -558,6 +589,18 @@ impl<'a> Collected<'a> {
         if index >= self.len() || (large && !self.is_compound(index)) {
             return Err(EINVAL);
         }
+        // Never more than the CPU will have: the mm core maps the new page
+        // as the source was (a hole: as the VMA allows), whatever `dst`
+        // says, and `map_into` mirrors it by the `dst` bit.
+        let src = self.raw.src[index];
+        // SAFETY: Decoding a `migrate_pfn` entry.
+        let hole = unsafe { bindings::migrate_pfn_to_page(src) }.is_null();
+        let writable = writable
+            && if hole {
+                self.raw.holes_writable
+            } else {
+                src & PFN_WRITE != 0
+            };
         let raw = match page {
             Destination::Device(page) => page.into_raw(),
             Destination::System(page) => page.into_raw(),
@@ -716,17 +759,25 @@ unsafe fn device_page<'a>(entry: c_ulong) -> Option<DevicePageRef<'a>> {
 
 /// Migrates the in-use pages of `[first_pfn, first_pfn + npages)`, device
 /// pages of [`Pagemap`]s, back to system memory (`migrate_device_range`).
-pub(super) fn evict_range(first_pfn: usize, npages: usize) {
+///
+/// # Safety
+///
+/// The pfns are those of a [`Pagemap`] that stays mapped during the call.
+pub(super) unsafe fn evict_range(first_pfn: usize, npages: usize) {
     let mut pfn = first_pfn;
     let end = first_pfn + npages;
     while pfn < end {
         let n = MAX_MIGRATE_PAGES.min(end - pfn);
-        evict_batch(pfn, n);
+        // SAFETY: A part of our caller's range, of a mapped pagemap.
+        unsafe { evict_batch(pfn, n) };
         pfn += n;
     }
 }
 
-fn evict_batch(first_pfn: usize, npages: usize) {
+/// # Safety
+///
+/// As [`evict_range`], for at most [`MAX_MIGRATE_PAGES`] pages.
+unsafe fn evict_batch(first_pfn: usize, npages: usize) {
     let mut src = KVVec::<c_ulong>::new();
     let mut dst = KVVec::<c_ulong>::new();
     if src.resize(npages, 0, GFP_KERNEL).is_err() || dst.resize(npages, 0, GFP_KERNEL).is_err() {
@@ -734,7 +785,8 @@ fn evict_batch(first_pfn: usize, npages: usize) {
         return;
     }
     // SAFETY: The arrays have `npages` entries; the pfns are those of a
-    // mapped pagemap. Pages in use are locked and referenced into `src`.
+    // mapped pagemap, per our caller, so they have a memmap. Pages in use
+    // are locked and referenced into `src`.
     let ret = unsafe {
         bindings::migrate_device_range(src.as_mut_ptr(), first_pfn as c_ulong, npages as c_ulong)
     };

@@ -45,6 +45,14 @@
 //! guard. [`Mirror::new`] registers with the mm, which takes the mmap lock
 //! for writing: never call it under an [`MmapReadGuard`]. The types do not
 //! rule these out (a lock held is not a type here); each method says so.
+//!
+//! Pages held locked are a lock too: a [`Collected`] or [`Migrated`] holds
+//! its source folios behind migration entries, an [`ExclusivePage`] its
+//! folio behind a device-exclusive entry. While one lives, nothing of the
+//! same task may touch its range: no fault, no user copy, no other
+//! migration or [`ExclusivePage::make`]. Each would wait, unkillable, for
+//! the lock the task itself holds. Nor may a user copy run under a
+//! [`MirrorGuard`]: a copy-on-write fault invalidates.
 
 mod exclusive;
 mod migrate;

@@ -59,7 +59,8 @@ pub trait PagemapOps: Send + Sync {
     /// migrate it back to system memory, for example with
     /// [`Migration::setup_fault`](super::Migration::setup_fault). The fault
     /// is retried when this returns: an `Ok` that left the page where it
-    /// was faults again, until the task is killed. 7.3 calls it with the
+    /// was faults again, for ever under `hmm_range_fault()`, which does not
+    /// check for signals between such retries. 7.3 calls it with the
     /// mmap read lock held (a fault under the VMA lock alone is retried
     /// first, mm/memory.c `do_swap_page`) and the page referenced.
     fn migrate_to_ram(&self, pagemap: &Pagemap, fault: &CpuFault<'_>) -> Result<(), FaultError>;
@@ -439,7 +440,8 @@ impl Pagemap {
     /// are left where they are. It invalidates: not with a mirror's lock
     /// held.
     pub fn evict(&self) {
-        super::migrate::evict_range(self.first_pfn, CHUNK_PAGES);
+        // SAFETY: This pagemap's own range, mapped while it lives.
+        unsafe { super::migrate::evict_range(self.first_pfn, CHUNK_PAGES) };
     }
 
     /// Pages handed out and not freed yet.
@@ -683,7 +685,9 @@ impl<'a> DevicePageRef<'a> {
                 bindings::page_to_pfn(bindings::folio_page(folio, 0)) as usize,
             )
         };
-        if pfn + i >= head + (1usize << order) {
+        // `pfn` is in the folio, so the pages left from it do not wrap;
+        // comparing `i` with them does not overflow for any `i`.
+        if i >= head + (1usize << order) - pfn {
             return core::ptr::null_mut();
         }
         // SAFETY: A page of the same folio, by pfn.

@@ -42,7 +42,9 @@ static POOLS_STATE: AtomicU8 = AtomicU8::new(UNINIT);
 
 /// The device memory pools of this module, usable while this lives. The
 /// module keeps it: its drop removes every pagemap, so that none outlives
-/// the module whose code its ops point at.
+/// the module whose code its ops point at. Its drop waits for every
+/// device page: a [`DevicePage`] leaked with `mem::forget` makes it wait
+/// for ever (a hang, not undefined behaviour).
 #[must_use = "the pools are removed when this is dropped"]
 pub struct PoolsRegistration(());
 
