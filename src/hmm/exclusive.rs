@@ -47,7 +47,7 @@ impl<'a> ExclusivePage<'a> {
             || addr
                 .checked_add(PAGE_SIZE)
                 .is_none_or(|end| !mirror.covers(addr, end))
-            || !core::ptr::eq(lock.mm().as_raw(), mirror.mm().as_raw())
+            || !mirror.mirrors(lock.mm())
         {
             return Err(EINVAL);
         }

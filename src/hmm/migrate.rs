@@ -82,23 +82,9 @@ impl SystemPageRef<'_> {
     /// Page `i` of this page's folio, counting from this page; null past
     /// the end of the folio.
     fn subpage(&self, i: usize) -> *mut bindings::page {
-        // SAFETY: By the type invariant the page, so its folio, is
-        // referenced.
-        let (pfn, head, order) = unsafe {
-            let folio = bindings::page_folio(self.page.as_ptr());
-            (
-                bindings::page_to_pfn(self.page.as_ptr()) as usize,
-                bindings::page_to_pfn(bindings::folio_page(folio, 0)) as usize,
-                bindings::folio_order(folio),
-            )
-        };
-        // `pfn` is in the folio, so the pages left from it do not wrap;
-        // comparing `i` with them does not overflow for any `i`.
-        if i >= head + (1usize << order) - pfn {
-            return core::ptr::null_mut();
-        }
-        // SAFETY: A page of the same referenced folio, by pfn.
-        unsafe { bindings::pfn_to_page((pfn + i) as c_ulong) }
+        // SAFETY: By the type invariant the page is referenced.
+        unsafe { super::folio_page_after(self.page, i) }
+            .map_or(core::ptr::null_mut(), |p| p.as_ptr())
     }
 }
 
@@ -334,7 +320,7 @@ impl Migration {
         mirror: &'a Mirror,
     ) -> Result<Collected<'a>> {
         check_vma_locked(lock, vma)?;
-        if !core::ptr::eq(mirror.mm().as_raw(), lock.mm().as_raw()) || !mirror.covers(start, end) {
+        if !mirror.mirrors(lock.mm()) || !mirror.covers(start, end) {
             return Err(EINVAL);
         }
         // Before setup, whose invalidations it must see. With the mmap
@@ -413,8 +399,6 @@ impl Migration {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    ///
     /// # Safety
     ///
     /// `vma` is a VMA that stays alive for `'a`, and the mmap read lock of

@@ -205,6 +205,11 @@ impl Mirror {
         unsafe { Mm::from_raw((*self.notifier.get()).mm) }
     }
 
+    /// Whether `mm` is the mirrored address space.
+    pub fn mirrors(&self, mm: &Mm) -> bool {
+        core::ptr::eq(mm.as_raw(), self.mm().as_raw())
+    }
+
     /// Whether `[start, end)` (not empty) lies inside the mirrored interval.
     pub fn covers(&self, start: usize, end: usize) -> bool {
         // SAFETY: By the type invariant the notifier is inserted; its

@@ -80,7 +80,10 @@ pub use range::{
     HmmRange, LockedRange, PageKind, Request, ValidPfn, MAX_WINDOW_PAGES, PMD_SHIFT, PUD_SHIFT,
 };
 
-use kernel::{bindings, ffi::c_void};
+use kernel::{
+    bindings,
+    ffi::{self, c_void},
+};
 
 /// An identity for device memory: the `owner` of a `dev_pagemap`, of a
 /// migration, or of an mmu notifier event.
@@ -111,6 +114,35 @@ impl Owner {
     fn as_ptr(self) -> *mut c_void {
         self.0 as *mut c_void
     }
+}
+
+/// The page `i` pages after `page` in `page`'s folio, if the folio
+/// reaches that far.
+///
+/// # Safety
+///
+/// `page` is referenced for the call, so its folio does not change.
+unsafe fn folio_page_after(
+    page: core::ptr::NonNull<bindings::page>,
+    i: usize,
+) -> Option<core::ptr::NonNull<bindings::page>> {
+    // SAFETY: `page` is referenced, per the caller, so its folio and the
+    // folio's first page are valid.
+    let (pfn, head, order) = unsafe {
+        let folio = bindings::page_folio(page.as_ptr());
+        (
+            bindings::page_to_pfn(page.as_ptr()) as usize,
+            bindings::page_to_pfn(bindings::folio_page(folio, 0)) as usize,
+            bindings::folio_order(folio),
+        )
+    };
+    // `pfn` is in the folio, so the pages left from it do not wrap;
+    // comparing `i` with them does not overflow for any `i`.
+    if i >= head + (1usize << order) - pfn {
+        return None;
+    }
+    // SAFETY: A pfn of the same referenced folio, so one with a memmap.
+    core::ptr::NonNull::new(unsafe { bindings::pfn_to_page((pfn + i) as ffi::c_ulong) })
 }
 
 /// Whether the current task has a fatal signal pending: a fault loop that

@@ -673,27 +673,7 @@ impl<'a> DevicePageRef<'a> {
     /// still in this page's folio; null otherwise.
     pub(super) fn backing_after(&self, i: usize) -> *mut bindings::page {
         // SAFETY: By the type invariant the page is referenced.
-        let (folio, pfn) = unsafe {
-            let folio = bindings::page_folio(self.page.as_ptr());
-            (folio, bindings::page_to_pfn(self.page.as_ptr()) as usize)
-        };
-        // SAFETY: `folio` is the folio of the referenced page, so valid,
-        // and its first page too.
-        let (order, head) = unsafe {
-            (
-                bindings::folio_order(folio),
-                bindings::page_to_pfn(bindings::folio_page(folio, 0)) as usize,
-            )
-        };
-        // `pfn` is in the folio, so the pages left from it do not wrap;
-        // comparing `i` with them does not overflow for any `i`.
-        if i >= head + (1usize << order) - pfn {
-            return core::ptr::null_mut();
-        }
-        // SAFETY: A page of the same folio, by pfn.
-        let page = unsafe { bindings::pfn_to_page((pfn + i) as c_ulong) };
-        // SAFETY: `pfn_to_page` of a mapped pfn is not null.
-        self.pagemap
-            .backing_of(unsafe { NonNull::new_unchecked(page) })
+        unsafe { super::folio_page_after(self.page, i) }
+            .map_or(core::ptr::null_mut(), |page| self.pagemap.backing_of(page))
     }
 }

@@ -136,7 +136,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
     /// lock of `mm`, which must be the mirrored address space. Fails with
     /// `EINTR` if a fatal signal arrives while waiting for the lock.
     pub fn begin<'a>(&mut self, mm: &'a MmWithUser) -> Result<MmapReadGuard<'a>> {
-        if !core::ptr::eq(mm.as_raw(), self.mirror.mm().as_raw()) {
+        if !self.mirror.mirrors(mm) {
             return Err(EINVAL);
         }
         // Before the mmap lock: `read_begin` may wait for invalidations.
@@ -163,7 +163,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         if self.request == Request::Snapshot || self.page_requests.is_some() {
             return None;
         }
-        if !core::ptr::eq(mm.as_raw(), self.mirror.mm().as_raw()) || self.mirror.check_retry(seq) {
+        if !self.mirror.mirrors(mm) || self.mirror.check_retry(seq) {
             return None;
         }
         let count = (self.end - self.start) >> PAGE_SHIFT;
@@ -181,9 +181,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         let seq = self.seq.ok_or(EINVAL)?;
         // The entries are about to be rewritten, maybe in part.
         self.filled = None;
-        if self.start + self.done * PAGE_SIZE >= self.end
-            || !core::ptr::eq(lock.mm().as_raw(), self.mirror.mm().as_raw())
-        {
+        if self.start + self.done * PAGE_SIZE >= self.end || !self.mirror.mirrors(lock.mm()) {
             return Err(EINVAL);
         }
         let done = self.done;
