@@ -684,10 +684,18 @@ fn retry_until_valid<const N: usize>(
 /// handler (userfaultfd) may drop the mmap lock. When it does, and nothing
 /// was invalidated meanwhile, the attempt resumes at the page that dropped
 /// the lock instead of walking the window again; any invalidation starts a
-/// new attempt with a new sequence. This goes on for as long as it takes,
-/// as C's `READ_UNLOCKED` does; a fatal signal ends it with `EINTR`.
+/// new attempt with a new sequence.
+///
+/// As C's `READ_UNLOCKED` (`hmm_range_fault_unlocked_timeout()`, patch
+/// 0009), the clock runs only while rounds resume no further into the
+/// window than before: a slow handler takes as long as it takes, one that
+/// keeps dropping the lock without resolving the fault (a userfaultfd
+/// handler that only wakes) ends the command with `EBUSY` after
+/// `RANGE_TIMEOUT_MS`. A fatal signal ends it with `EINTR`.
 fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
     let mut resumed = None;
+    let mut furthest = 0;
+    let mut stalled: Option<Deadline> = None;
     loop {
         check_fatal_signal()?;
         let lock = match resumed.take() {
@@ -706,6 +714,15 @@ fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUs
                     return Ok(());
                 }
             }
+        }
+        if resumed.is_some() && range.resumed_at() > furthest {
+            furthest = range.resumed_at();
+            stalled = None;
+        } else if stalled
+            .get_or_insert_with(|| Deadline::after_ms(RANGE_TIMEOUT_MS))
+            .has_passed()
+        {
+            return Err(EBUSY);
         }
     }
 }

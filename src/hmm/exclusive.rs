@@ -96,6 +96,6 @@ impl Drop for ExclusivePage<'_> {
         // SAFETY: By the type invariant we hold the folio lock; given up here.
         unsafe { bindings::folio_unlock(self.folio.as_ptr()) };
         // SAFETY: By the type invariant we own a reference; given up here.
-        unsafe { bindings::put_page(self.page.as_ptr()) };
+        unsafe { bindings::folio_put(self.folio.as_ptr()) };
     }
 }

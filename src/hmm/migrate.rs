@@ -25,7 +25,8 @@
 //! `migrate_vma_pages()` never checked.
 
 use super::{
-    pagemap::{DevicePage, DevicePageRef, Pagemap, FOLIO_ORDER, FOLIO_PAGES, GFP_HIGHUSER_MOVABLE},
+    folio_unlock_put,
+    pagemap::{DevicePage, DevicePageRef, Pagemap, FOLIO_ORDER, GFP_HIGHUSER_MOVABLE},
     CpuFault, Mirror, MirrorGuard, MirroredAccess, MmapReadGuard, Owner, Seq,
 };
 use core::{marker::PhantomData, ptr::NonNull};
@@ -43,8 +44,9 @@ const PFN_MIGRATE: c_ulong = bindings::MIGRATE_PFN_MIGRATE as c_ulong;
 const PFN_WRITE: c_ulong = bindings::MIGRATE_PFN_WRITE as c_ulong;
 const PFN_COMPOUND: c_ulong = bindings::MIGRATE_PFN_COMPOUND as c_ulong;
 
-/// The most pages one migration covers, as in C (`PTRS_PER_PTE`).
-pub const MAX_MIGRATE_PAGES: usize = 512;
+/// The most pages one migration covers: two PMDs' worth, twice C's, so
+/// that a migration can take a hole that spans PMDs whole.
+pub const MAX_MIGRATE_PAGES: usize = 1024;
 
 /// Which pages a migration collects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,8 +116,9 @@ impl SystemPage {
 
     /// Takes a fresh folio of `order` whose first page is `page`.
     fn locked(page: NonNull<bindings::page>, order: u32) -> Self {
-        // SAFETY: The folio is ours alone; locking it does not block.
-        unsafe { bindings::lock_page(page.as_ptr()) };
+        // SAFETY: The folio is ours alone (so live); locking it does not
+        // block.
+        unsafe { bindings::folio_lock(bindings::page_folio(page.as_ptr())) };
         // INVARIANT: Just allocated and locked.
         Self { page, order }
     }
@@ -173,10 +176,7 @@ impl SystemPage {
 impl Drop for SystemPage {
     fn drop(&mut self) {
         // SAFETY: By the type invariant we hold the lock and the reference.
-        unsafe {
-            bindings::unlock_page(self.page.as_ptr());
-            bindings::put_page(self.page.as_ptr());
-        }
+        unsafe { folio_unlock_put(self.page.as_ptr()) };
     }
 }
 
@@ -259,9 +259,7 @@ impl Raw<'_> {
         }
         // SAFETY: By the type invariant the migration owned the page's lock
         // and reference; `dst` no longer names it.
-        unsafe { bindings::unlock_page(page) };
-        // SAFETY: As for the lock, the reference is ours to drop.
-        unsafe { bindings::put_page(page) };
+        unsafe { folio_unlock_put(page) };
     }
 }
 
@@ -561,7 +559,8 @@ impl<'a> Collected<'a> {
     /// mirrored writable if `writable` and the CPU maps it writable (as
     /// the source was, or for a hole as the VMA allows). A large folio moves a
     /// compound entry whole; small pages at a compound entry and the ones
-    /// after it split the source folio. A destination given twice replaces
+    /// after it split the source folio, or fill a hole page by page (the
+    /// pages left without one stay a hole). A destination given twice replaces
     /// the first, which is released. A large folio at an entry that is not
     /// compound is `EINVAL`: the core would move it over pages that are
     /// not the migration's.
@@ -599,41 +598,12 @@ impl<'a> Collected<'a> {
         Ok(())
     }
 
-    /// A compound hole given a small destination is filled page by page,
-    /// and `migrate_vma_pages()` then needs a destination for every page
-    /// of it (it follows a null page otherwise, mm/migrate_device.c).
-    /// Releases the destinations of a hole left partly filled: it stays a
-    /// hole.
-    fn release_partial_holes(&mut self) {
-        let len = self.len();
-        let mut index = 0;
-        while index < len {
-            let (src, dst) = (self.raw.src[index], self.raw.dst[index]);
-            // SAFETY: Decoding a `migrate_pfn` entry.
-            let hole = unsafe { bindings::migrate_pfn_to_page(src) }.is_null();
-            if !(hole && src & PFN_MIGRATE != 0 && src & PFN_COMPOUND != 0)
-                || dst == 0
-                || dst & PFN_COMPOUND != 0
-            {
-                index += 1;
-                continue;
-            }
-            let end = len.min(index + FOLIO_PAGES);
-            if self.raw.dst[index..end].contains(&0) {
-                for i in index..end {
-                    self.raw.release_destination(i);
-                }
-            }
-            index = end;
-        }
-    }
-
     /// Moves the collected pages to their destinations
     /// (`migrate_vma_pages()`). Pages without a destination stay.
     pub fn pages(mut self) -> Migrated<'a> {
-        self.release_partial_holes();
         // SAFETY: Set up and not finalized, by the type invariant of `Raw`.
-        // No compound hole has small destinations with gaps among them.
+        // A compound hole may have small destinations with gaps among them:
+        // the core leaves the pages without one a hole (patch 0010).
         unsafe { bindings::migrate_vma_pages(&mut self.raw.args) };
         // INVARIANT: `migrate_vma_pages()` has run.
         self.raw.pages_moved = true;

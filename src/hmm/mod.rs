@@ -116,6 +116,21 @@ impl Owner {
     }
 }
 
+/// Unlocks the folio of `page` and drops a reference to it.
+///
+/// # Safety
+///
+/// The caller holds the folio's lock and a reference to it, and gives up
+/// both.
+unsafe fn folio_unlock_put(page: *mut bindings::page) {
+    // SAFETY: The caller's reference keeps `page` and its folio live.
+    let folio = unsafe { bindings::page_folio(page) };
+    // SAFETY: The caller holds the folio lock and gives it up here.
+    unsafe { bindings::folio_unlock(folio) };
+    // SAFETY: The caller holds a reference and gives it up here.
+    unsafe { bindings::folio_put(folio) };
+}
+
 /// The page `i` pages after `page` in `page`'s folio, if the folio
 /// reaches that far.
 ///

@@ -262,7 +262,11 @@ impl DevicePageTable {
         }
         // SAFETY: By the type invariant an `Atomic` entry owns a reference
         // to its page, which the caller hands over.
-        unsafe { bindings::put_page(bindings::xa_untag_pointer(entry).cast()) };
+        unsafe {
+            bindings::folio_put(bindings::page_folio(
+                bindings::xa_untag_pointer(entry).cast(),
+            ))
+        };
     }
 
     /// Maps `page`, which the device now has exclusive access to, at
@@ -279,14 +283,14 @@ impl DevicePageTable {
         let page = page.page();
         // SAFETY: `page` is referenced while `ExclusivePage` is borrowed;
         // this takes a reference of the table's own.
-        unsafe { bindings::get_page(page.as_ptr()) };
+        unsafe { bindings::folio_get(bindings::page_folio(page.as_ptr())) };
         // SAFETY: Our caller holds the lock of the mirror that owns this
         // table. The entry owns the reference just taken, so the
         // page stays allocated until it is erased.
         let stored = unsafe { self.store_page(index, page, MirroredAccess::Atomic) };
         if stored.is_err() {
             // SAFETY: Not stored: give back the reference taken above.
-            unsafe { bindings::put_page(page.as_ptr()) };
+            unsafe { bindings::folio_put(bindings::page_folio(page.as_ptr())) };
         }
         stored
     }

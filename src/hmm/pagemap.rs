@@ -637,10 +637,7 @@ impl Drop for DevicePage {
     fn drop(&mut self) {
         // SAFETY: By the type invariant the page is locked by us and we own
         // a reference; after this we own neither.
-        unsafe {
-            bindings::unlock_page(self.page.as_ptr());
-            bindings::put_page(self.page.as_ptr());
-        }
+        unsafe { super::folio_unlock_put(self.page.as_ptr()) };
     }
 }
 

@@ -177,6 +177,12 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         Some(MmapReadGuard::lock_killable(mm))
     }
 
+    /// Pages at the front of the window that the attempt has faulted
+    /// already: where [`resume`](Self::resume) made the next fault start.
+    pub fn resumed_at(&self) -> usize {
+        self.done
+    }
+
     fn raw(&mut self, lock: &MmapReadGuard<'_>) -> Result<bindings::hmm_range> {
         let seq = self.seq.ok_or(EINVAL)?;
         // The entries are about to be rewritten, maybe in part.

@@ -31,6 +31,7 @@ pub const TESTS: &[Test] = &[
         "lockdrop.invalidate_while_waiting",
         invalidate_while_waiting,
     ),
+    Test::new("lockdrop.wake_without_resolving", wake_without_resolving),
 ];
 
 type ReadResult = io::Result<crate::dmirror::Counters>;
@@ -189,6 +190,65 @@ fn uffd_closed_while_waiting() -> TestResult {
     ensure_eq!(c.cpages, n as u64);
     check_each("device read", out.bytes(), |_| 0)?;
     check_each("CPU view", map.bytes(), |_| 0)
+}
+
+/// The handler answers every fault with UFFDIO_WAKE alone: the fault
+/// drops the lock, the retry faults the same page, and so on. The read
+/// must end with EBUSY while the handler still wakes (a second after the
+/// retries stop getting further), not retry for as long as the handler
+/// keeps waking. C's READ_UNLOCKED asks
+/// `hmm_range_fault_unlocked_timeout()` for no timeout at all, so it
+/// retries until killed, by design; with a timeout, plain 7.3 restarted
+/// the clock at every drop and never gave up either (patch 0009).
+fn wake_without_resolving() -> TestResult {
+    if !std::path::Path::new("/sys/module/rust_hmm_dmirror").exists() {
+        crate::skip!("C's READ_UNLOCKED retries for as long as the handler wakes (timeout 0)");
+    }
+    let (n, ps) = (4, page_size());
+    let d = Arc::new(Dmirror::open(0)?);
+    let r = UffdRegion::new(n)?;
+    let uffd = r.uffd.clone();
+    let mut out = Mapping::rw(n * ps)?;
+    out.bytes_mut().fill(0xEE);
+    let (rx, reader) = spawn_reader(d, r.base(), out.addr(), n);
+    let start = Instant::now();
+    let mut wakes = 0;
+    let res = loop {
+        if let Ok(res) = rx.try_recv() {
+            break Some(res);
+        }
+        if start.elapsed() > prompt() {
+            break None;
+        }
+        let msg = match uffd.next_event(None, Duration::from_millis(100)) {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => None,
+            r => r?,
+        };
+        if let Some(msg) = msg {
+            ensure_eq!(msg.event, UFFD_EVENT_PAGEFAULT);
+            ensure_eq!(msg.address() as usize & !(ps - 1), r.base(), "fault");
+            uffd.wake(r.base(), ps)?;
+            wakes += 1;
+        }
+    };
+    let Some(res) = res else {
+        // Resolve the faults, so that the read ends and the test can too.
+        let h = r.handler()?;
+        let res = rx.recv_timeout(prompt());
+        reader.join().map_err(|_| "reader panicked".to_string())?;
+        h.stop()?;
+        return Err(format!(
+            "the read still retried after {wakes} wakes in {:?} (then: {:?})",
+            prompt(),
+            res.map(|r| r.map(|c| c.cpages))
+        )
+        .into());
+    };
+    reader.join().map_err(|_| "reader panicked".to_string())?;
+    diag!("{wakes} wakes before the read gave up");
+    ensure!(wakes > 1, "the read gave up after {wakes} wake(s)");
+    expect_errno(res, libc::EBUSY, "READ_UNLOCKABLE whose handler only wakes")?;
+    check_each("buffer after the failed read", out.bytes(), |_| 0xEE)
 }
 
 extern "C" fn on_sigusr1(_: libc::c_int) {}
