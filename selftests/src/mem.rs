@@ -227,6 +227,45 @@ pub fn pmd_size() -> usize {
         .unwrap_or(TWO_MB)
 }
 
+/// The THP mode, `/sys/kernel/mm/transparent_hugepage/enabled` (for
+/// example `always [madvise] never`), or why it cannot be read.
+pub fn thp_enabled() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
+/// How many bytes of the VMA holding `addr` the kernel maps with
+/// PMD-sized anonymous huge pages: its `AnonHugePages` in
+/// /proc/self/smaps. Tells whether the system gave a THP without asking
+/// the module under test.
+pub fn anon_huge_bytes(addr: usize) -> io::Result<usize> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+                continue;
+            }
+        }
+        if let Some(v) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            let kb = v
+                .split_whitespace()
+                .next()
+                .and_then(|k| k.parse::<usize>().ok());
+            return kb
+                .map(|kb| kb * 1024)
+                .ok_or_else(|| io::Error::other(format!("smaps: {line:?}")));
+        }
+    }
+    Err(io::Error::other(format!(
+        "no AnonHugePages for {addr:#x} in /proc/self/smaps"
+    )))
+}
+
 /// A field of /proc/meminfo, in its own unit (pages or kB).
 fn meminfo(field: &str) -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -365,6 +404,15 @@ mod tests {
             Some(libc::ENOMEM)
         );
         protect(h.addr() - ps, ps, libc::PROT_NONE).unwrap();
+    }
+
+    #[test]
+    fn anon_huge_bytes_reads_smaps() {
+        let m = Mapping::rw(4 * TWO_MB).unwrap();
+        madvise(m.addr(), m.len(), libc::MADV_NOHUGEPAGE).unwrap();
+        assert_eq!(anon_huge_bytes(m.addr() + TWO_MB).unwrap(), 0);
+        let h = Guarded::hole(1).unwrap();
+        assert!(anon_huge_bytes(h.addr()).is_err());
     }
 
     #[test]
