@@ -57,6 +57,33 @@ impl Dmirror {
         }
     }
 
+    /// One ioctl of `request` over `npages` pages at `addr` with buffer
+    /// `ptr`, not retried: an EINTR reaches the caller, which is how a test
+    /// sees that a non-fatal signal aborted a command.
+    pub fn cmd_once(
+        &self,
+        request: u32,
+        addr: usize,
+        ptr: usize,
+        npages: usize,
+    ) -> io::Result<Counters> {
+        let mut cmd = HmmDmirrorCmd {
+            addr: addr as u64,
+            ptr: ptr as u64,
+            npages: npages as u64,
+            ..Default::default()
+        };
+        // SAFETY: cmd is a live, writable HmmDmirrorCmd.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, &mut cmd) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Counters {
+            cpages: cmd.cpages,
+            faults: cmd.faults,
+        })
+    }
+
     /// Issue `request` over `npages` pages at `addr` with buffer `ptr`.
     pub fn cmd(
         &self,
