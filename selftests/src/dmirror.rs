@@ -39,33 +39,35 @@ impl Dmirror {
         })
     }
 
+    /// One ioctl, not retried: an EINTR reaches the caller.
+    fn ioctl_once(&self, request: u32, cmd: &mut HmmDmirrorCmd) -> io::Result<()> {
+        // SAFETY: cmd is a live, writable HmmDmirrorCmd.
+        let r =
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, cmd as *mut HmmDmirrorCmd) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// One ioctl, retried on EINTR as upstream's hmm_dmirror_cmd() does.
     /// `cmd` is updated only as far as the driver copies it back.
     pub fn ioctl(&self, request: u32, cmd: &mut HmmDmirrorCmd) -> io::Result<()> {
         loop {
-            // SAFETY: cmd is a live, writable HmmDmirrorCmd.
-            let r = unsafe {
-                libc::ioctl(self.fd.as_raw_fd(), request as _, cmd as *mut HmmDmirrorCmd)
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match self.ioctl_once(request, cmd) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
             }
         }
     }
 
-    /// One ioctl of `request` over `npages` pages at `addr` with buffer
-    /// `ptr`, not retried: an EINTR reaches the caller, which is how a test
-    /// sees that a non-fatal signal aborted a command.
-    pub fn cmd_once(
+    fn counted(
         &self,
         request: u32,
         addr: usize,
         ptr: usize,
         npages: usize,
+        retry_eintr: bool,
     ) -> io::Result<Counters> {
         let mut cmd = HmmDmirrorCmd {
             addr: addr as u64,
@@ -73,10 +75,10 @@ impl Dmirror {
             npages: npages as u64,
             ..Default::default()
         };
-        // SAFETY: cmd is a live, writable HmmDmirrorCmd.
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, &mut cmd) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
+        if retry_eintr {
+            self.ioctl(request, &mut cmd)?;
+        } else {
+            self.ioctl_once(request, &mut cmd)?;
         }
         Ok(Counters {
             cpages: cmd.cpages,
@@ -92,17 +94,20 @@ impl Dmirror {
         ptr: usize,
         npages: usize,
     ) -> io::Result<Counters> {
-        let mut cmd = HmmDmirrorCmd {
-            addr: addr as u64,
-            ptr: ptr as u64,
-            npages: npages as u64,
-            ..Default::default()
-        };
-        self.ioctl(request, &mut cmd)?;
-        Ok(Counters {
-            cpages: cmd.cpages,
-            faults: cmd.faults,
-        })
+        self.counted(request, addr, ptr, npages, true)
+    }
+
+    /// As [`cmd`](Self::cmd), but one ioctl, not retried: an EINTR reaches
+    /// the caller, which is how a test sees that a non-fatal signal
+    /// aborted a command.
+    pub fn cmd_once(
+        &self,
+        request: u32,
+        addr: usize,
+        ptr: usize,
+        npages: usize,
+    ) -> io::Result<Counters> {
+        self.counted(request, addr, ptr, npages, false)
     }
 
     pub fn read(&self, addr: usize, ptr: usize, npages: usize) -> io::Result<Counters> {
