@@ -440,15 +440,27 @@ fn fail_alloc() -> TestResult {
 }
 
 /// Device pages of a private mapping are shared copy-on-write after fork:
-/// each side that touches them gets its own copy in system memory.
+/// right after it the child's own mirror sees them in the device's memory,
+/// read-only (SNAPSHOT does not fault); each side that touches them gets
+/// its data from system memory, the child's writes stay its own, and the
+/// parent's device reads its data before its CPU touches anything.
 fn cow_in_device() -> TestResult {
     let d = Dmirror::open(0)?;
     let mut buf = buffer(SIZE)?;
     let out = Mapping::rw(SIZE)?;
     migrate_to_dev(&d, &buf, &out)?;
+    let n = npages(SIZE);
     let words = buf.words_mut();
     let (addr, len) = (words.as_mut_ptr() as usize, words.len());
     let status = fork_and_wait(|| {
+        let child = Dmirror::open(0)?;
+        let snap = Mapping::rw(n)?;
+        child.snapshot(addr, snap.addr(), n)?;
+        check_each(
+            "the child's snapshot right after fork",
+            &snap.bytes()[..n],
+            |_| HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_READ,
+        )?;
         // SAFETY: the child's copy of the parent's buffer.
         let words = unsafe { std::slice::from_raw_parts_mut(addr as *mut u32, len) };
         check_each("child reads the device data", words, |i| i as u32)?;
@@ -458,12 +470,12 @@ fn cow_in_device() -> TestResult {
         check_each("child's own copy", words, |i| (i as u32).wrapping_mul(3))
     })?;
     ensure!(status == 0, "child {}", describe(status));
+    let c = d.read(buf.addr(), out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each("device read in the parent", out.words(), |i| i as u32)?;
     check_each("parent's data after the child wrote", buf.words(), |i| {
         i as u32
-    })?;
-    let c = d.read(buf.addr(), out.addr(), npages(SIZE))?;
-    ensure_eq!(c.cpages, npages(SIZE) as u64);
-    check_each("device read in the parent", out.words(), |i| i as u32)
+    })
 }
 
 /// RELEASE evicts every device page back to system memory.
@@ -645,12 +657,18 @@ fn exclusive() -> TestResult {
 }
 
 /// Exclusive access over a range made read-only is gone: a device write
-/// then fails with EPERM.
+/// then fails with EPERM. CHECK_EXCLUSIVE sees the access before the
+/// mprotect, so a module whose EXCLUSIVE did nothing fails.
 fn exclusive_mprotect() -> TestResult {
     let d = Dmirror::open(0)?;
     let buf = buffer(SIZE)?;
     let out = Mapping::rw(SIZE)?;
     d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), npages(SIZE))?;
+    expect_errno(
+        check_exclusive(&d, &buf, &out),
+        libc::EPERM,
+        "CHECK_EXCLUSIVE right after EXCLUSIVE",
+    )?;
     buf.protect(libc::PROT_READ)?;
     expect_errno(
         d.write(buf.addr(), out.addr(), npages(SIZE)),
@@ -662,12 +680,19 @@ fn exclusive_mprotect() -> TestResult {
 }
 
 /// fork() over pages under exclusive access gives them back to the CPU
-/// (copy-on-write); parent and child keep their own data.
+/// (copy-on-write): CHECK_EXCLUSIVE finds the access before the fork and
+/// none after it, before the parent touches anything; parent and child
+/// keep their own data.
 fn exclusive_fork() -> TestResult {
     let d = Dmirror::open(0)?;
     let mut buf = buffer(SIZE)?;
     let out = Mapping::rw(SIZE)?;
     d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), npages(SIZE))?;
+    expect_errno(
+        check_exclusive(&d, &buf, &out),
+        libc::EPERM,
+        "CHECK_EXCLUSIVE right after EXCLUSIVE",
+    )?;
     let words = buf.words_mut();
     let (addr, len) = (words.as_mut_ptr() as usize, words.len());
     let status = fork_and_wait(|| {
@@ -680,12 +705,11 @@ fn exclusive_fork() -> TestResult {
         Ok(())
     })?;
     ensure!(status == 0, "child {}", describe(status));
+    check_exclusive(&d, &buf, &out)?;
     for w in buf.words_mut() {
         *w = w.wrapping_add(1);
     }
-    check_each("parent's data", buf.words(), |i| i as u32 + 1)?;
-    check_exclusive(&d, &buf, &out)?;
-    Ok(())
+    check_each("parent's data", buf.words(), |i| i as u32 + 1)
 }
 
 /// A PMD-mapped THP migrates whole: the device maps it with a PMD. A
