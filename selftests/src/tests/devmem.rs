@@ -731,9 +731,17 @@ fn migrate_thp() -> TestResult {
     check_each("snapshot", &snap.bytes()[..n], |_| {
         HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD
     })?;
-    // Unmap the first quarter: the device folio is split.
+    // Unmap the first quarter: the device folio is split, and the rest
+    // stays in the device's memory, mapped by small pages.
     let quarter = size / 4;
     mem::unmap(addr, quarter)?;
+    let m = npages(size - quarter);
+    d.snapshot(addr + quarter, snap.addr(), m)?;
+    check_each(
+        "snapshot of the rest after the split",
+        &snap.bytes()[..m],
+        |_| HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE,
+    )?;
     let rest = &words[quarter / 4..];
     check_each("CPU read of the rest", rest, |i| (i + quarter / 4) as u32)
 }
@@ -759,7 +767,9 @@ fn write_readonly_on_device_thp() -> TestResult {
 }
 
 /// A PMD-sized, PMD-aligned THP whose words hold their index: the mapping
-/// that holds it and its address. Skips when the kernel gave small pages.
+/// that holds it and its address. Skips when the kernel gave small pages
+/// (smaps says so, not the module); fails when it gave a THP that the
+/// module's SNAPSHOT does not report as one.
 fn thp_buffer(d: &Dmirror) -> Result<(Mapping, usize), crate::harness::Failure> {
     let size = mem::pmd_size();
     let region = Mapping::rw(2 * size)?;
@@ -770,11 +780,19 @@ fn thp_buffer(d: &Dmirror) -> Result<(Mapping, usize), crate::harness::Failure> 
     for (i, w) in words.iter_mut().enumerate() {
         *w = i as u32;
     }
+    if mem::anon_huge_bytes(addr)? < size {
+        crate::skip!(
+            "no transparent huge page at {addr:#x} (THP {})",
+            mem::thp_enabled()
+        );
+    }
     let snap = Mapping::rw(1)?;
     d.snapshot(addr, snap.addr(), 1)?;
-    if snap.bytes()[0] & HMM_DMIRROR_PROT_PMD == 0 {
-        crate::skip!("no transparent huge page at {addr:#x}");
-    }
+    ensure!(
+        snap.bytes()[0] & HMM_DMIRROR_PROT_PMD != 0,
+        "SNAPSHOT of a PMD-mapped THP: {:#x}, no PMD bit",
+        snap.bytes()[0]
+    );
     Ok((region, addr))
 }
 
