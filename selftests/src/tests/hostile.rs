@@ -460,7 +460,7 @@ impl Case {
                 Read | ReadUnlockable | Write | Snapshot | MigrateToDev | Exclusive => {
                     Want::Pages(1)
                 }
-                MigrateToSys | CheckExclusive | Release | Flags => Want::Ok,
+                MigrateToSys | CheckExclusive | Release | Flags => Want::Pages(0),
             },
             Case::HugeNpages | Case::ManyNpages => match op {
                 // The bounce buffer: vmalloc(npages * PAGE_SIZE). 4 GiB
@@ -477,34 +477,34 @@ impl Case {
                 Exclusive => efault,
                 // C's loop takes one xa_load() per page: 2^40 would not end.
                 CheckExclusive if self == Case::HugeNpages => Want::Skip,
-                CheckExclusive | Release | Flags => Want::Ok,
+                CheckExclusive | Release | Flags => Want::Pages(0),
             },
             Case::BeyondEnd => match op {
                 Read | ReadUnlockable | Write => efault,
                 Snapshot => Want::Pages(nb + 1),
                 MigrateToDev | MigrateToSys => einval,
                 Exclusive => efault,
-                CheckExclusive | Release | Flags => Want::Ok,
+                CheckExclusive | Release | Flags => Want::Pages(0),
             },
             Case::KernelAddr | Case::NonCanonical | Case::Vsyscall | Case::AddrNull => match op {
                 Read | ReadUnlockable | Write => efault,
                 Snapshot => Want::Pages(1),
                 MigrateToDev | MigrateToSys => einval,
                 Exclusive => efault,
-                CheckExclusive | Release | Flags => Want::Ok,
+                CheckExclusive | Release | Flags => Want::Pages(0),
             },
             Case::Unmapped | Case::ProtNone => match op {
                 Read | ReadUnlockable | Write => efault,
                 Snapshot => Want::Pages(nb),
                 MigrateToDev | MigrateToSys => einval,
                 Exclusive => efault,
-                CheckExclusive | Release | Flags => Want::Ok,
+                CheckExclusive | Release | Flags => Want::Pages(0),
             },
             Case::ReadOnly => match op {
                 Read | ReadUnlockable | Snapshot | MigrateToDev => Want::Pages(nb),
                 Write => Want::Err(libc::EPERM),
                 Exclusive => efault,
-                MigrateToSys | CheckExclusive | Release | Flags => Want::Ok,
+                MigrateToSys | CheckExclusive | Release | Flags => Want::Pages(0),
             },
             Case::PtrNull
             | Case::PtrUnmapped
@@ -512,13 +512,13 @@ impl Case {
             | Case::PtrProtNone
             | Case::PtrShort => match op {
                 Read | ReadUnlockable | Write | Snapshot | MigrateToDev | Exclusive => efault,
-                MigrateToSys | CheckExclusive | Release | Flags => Want::Ok,
+                MigrateToSys | CheckExclusive | Release | Flags => Want::Pages(0),
             },
             // WRITE only reads from ptr.
             Case::PtrReadOnly => match op {
                 Read | ReadUnlockable | Snapshot | MigrateToDev | Exclusive => efault,
                 Write => Want::Pages(1),
-                MigrateToSys | CheckExclusive | Release | Flags => Want::Ok,
+                MigrateToSys | CheckExclusive | Release | Flags => Want::Pages(0),
             },
         }
     }
@@ -1096,7 +1096,7 @@ fn dead_mm() -> TestResult {
             Read | ReadUnlockable | Write => Want::Err(libc::EFAULT),
             // mmget_not_zero() fails, -EINVAL.
             Snapshot | MigrateToDev | MigrateToSys | Exclusive => Want::Err(libc::EINVAL),
-            CheckExclusive | Release | Flags => Want::Ok,
+            CheckExclusive | Release | Flags => Want::Pages(0),
         };
         if !serves(op)? {
             t.skip(op.name(), "the module does not implement it (EOPNOTSUPP)");
