@@ -84,6 +84,29 @@ impl Deadline {
     }
 }
 
+/// The clock of a loop whose rounds may make no progress: it starts at the
+/// first round without progress, so that long rounds that do progress (a
+/// slow userfaultfd handler) do not count, and any progress stops it.
+#[derive(Default)]
+struct StallClock(Option<Deadline>);
+
+impl StallClock {
+    /// Records a round; `EBUSY` once rounds without progress have gone on
+    /// for `RANGE_TIMEOUT_MS`.
+    fn round(&mut self, progress: bool) -> Result {
+        if progress {
+            self.0 = None;
+        } else if self
+            .0
+            .get_or_insert_with(|| Deadline::after_ms(RANGE_TIMEOUT_MS))
+            .has_passed()
+        {
+            return Err(EBUSY);
+        }
+        Ok(())
+    }
+}
+
 /// How the faults of a read may treat the mmap lock.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum LockMode {
@@ -263,24 +286,14 @@ impl DmirrorFile {
         let mut faults = 0;
         let end = span.end >> PAGE_SHIFT;
         let mut index = span.start >> PAGE_SHIFT;
-        let mut stalled: Option<Deadline> = None;
+        let mut stall = StallClock::default();
         loop {
             let used = access(&self.mirror.lock(), index..end)?;
             index += used;
             if index == end {
                 return Ok(faults);
             }
-            // The clock starts at the first round a fault left without
-            // progress, so a long fault (a slow userfaultfd handler) does
-            // not count against it.
-            if used > 0 || faults == 0 {
-                stalled = None;
-            } else if stalled
-                .get_or_insert_with(|| Deadline::after_ms(RANGE_TIMEOUT_MS))
-                .has_passed()
-            {
-                return Err(EBUSY);
-            }
+            stall.round(used > 0 || faults == 0)?;
             self.fault(index << PAGE_SHIFT, span.end, request, mode)?;
             faults += 1;
         }
@@ -695,7 +708,7 @@ fn retry_until_valid<const N: usize>(
 fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUser) -> Result {
     let mut resumed = None;
     let mut furthest = 0;
-    let mut stalled: Option<Deadline> = None;
+    let mut stall = StallClock::default();
     loop {
         check_fatal_signal()?;
         let lock = match resumed.take() {
@@ -715,15 +728,11 @@ fn fault_window_unlockable(range: &mut HmmRange<'_, WINDOW_PAGES>, mm: &MmWithUs
                 }
             }
         }
-        if resumed.is_some() && range.resumed_at() > furthest {
+        let progress = resumed.is_some() && range.resumed_at() > furthest;
+        if progress {
             furthest = range.resumed_at();
-            stalled = None;
-        } else if stalled
-            .get_or_insert_with(|| Deadline::after_ms(RANGE_TIMEOUT_MS))
-            .has_passed()
-        {
-            return Err(EBUSY);
         }
+        stall.round(progress)?;
     }
 }
 
