@@ -60,18 +60,18 @@ pub const TESTS: &[Test] = &[
 ];
 
 /// 1 MiB: 256 pages, within one migration window.
-const SIZE: usize = 256 << 12;
+pub(super) const SIZE: usize = 256 << 12;
 const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
 /// The part of a SNAPSHOT byte that tells where the page is.
-const KIND: u8 = 0xF0;
+pub(super) const KIND: u8 = 0xF0;
 
-fn npages(size: usize) -> usize {
+pub(super) fn npages(size: usize) -> usize {
     size / page_size()
 }
 
 /// An anonymous private buffer of `size` bytes, small pages only, its
 /// words set to their index.
-fn buffer(size: usize) -> io::Result<Mapping> {
+pub(super) fn buffer(size: usize) -> io::Result<Mapping> {
     let mut buf = Mapping::rw(size)?;
     mem::madvise(buf.addr(), size, libc::MADV_NOHUGEPAGE)?;
     for (i, w) in buf.words_mut().iter_mut().enumerate() {
@@ -88,20 +88,20 @@ fn over_all(d: &Dmirror, request: u32, buf: &Mapping, out: &Mapping) -> io::Resu
 
 /// CHECK_EXCLUSIVE over the whole of `buf`: `EPERM` while the device
 /// still has exclusive access to a page of it.
-fn check_exclusive(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+pub(super) fn check_exclusive(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
     over_all(d, HMM_DMIRROR_CHECK_EXCLUSIVE, buf, out)
 }
 
-fn migrate_to_dev(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+pub(super) fn migrate_to_dev(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
     over_all(d, HMM_DMIRROR_MIGRATE_TO_DEV, buf, out)
 }
 
-fn migrate_to_sys(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
+pub(super) fn migrate_to_sys(d: &Dmirror, buf: &Mapping, out: &Mapping) -> io::Result<Counters> {
     over_all(d, HMM_DMIRROR_MIGRATE_TO_SYS, buf, out)
 }
 
 /// The SNAPSHOT byte of every page of `buf`.
-fn snapshot(d: &Dmirror, buf: &Mapping) -> Result<Vec<u8>, crate::harness::Failure> {
+pub(super) fn snapshot(d: &Dmirror, buf: &Mapping) -> Result<Vec<u8>, crate::harness::Failure> {
     let n = npages(buf.len());
     let out = Mapping::rw(n.max(1))?;
     let c = d.snapshot(buf.addr(), out.addr(), n)?;
@@ -110,7 +110,7 @@ fn snapshot(d: &Dmirror, buf: &Mapping) -> Result<Vec<u8>, crate::harness::Failu
 }
 
 /// Checks that every page of `buf` is (or is not) in device 0's memory.
-fn check_on_device(d: &Dmirror, buf: &Mapping, on_device: bool) -> TestResult {
+pub(super) fn check_on_device(d: &Dmirror, buf: &Mapping, on_device: bool) -> TestResult {
     let want = |_| {
         if on_device {
             HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
@@ -614,7 +614,7 @@ fn sibling_migration_invalidates() -> TestResult {
 }
 
 /// READ of `buf`, whose words hold their index, through `d`.
-fn refault_read(d: &Dmirror, buf: &Mapping) -> TestResult {
+pub(super) fn refault_read(d: &Dmirror, buf: &Mapping) -> TestResult {
     let out = Mapping::rw(buf.len())?;
     let c = d.read(buf.addr(), out.addr(), npages(buf.len()))?;
     ensure_eq!(c.cpages, npages(buf.len()) as u64);
@@ -770,7 +770,7 @@ fn write_readonly_on_device_thp() -> TestResult {
 /// that holds it and its address. Skips when the kernel gave small pages
 /// (smaps says so, not the module); fails when it gave a THP that the
 /// module's SNAPSHOT does not report as one.
-fn thp_buffer(d: &Dmirror) -> Result<(Mapping, usize), crate::harness::Failure> {
+pub(super) fn thp_buffer(d: &Dmirror) -> Result<(Mapping, usize), crate::harness::Failure> {
     let size = mem::pmd_size();
     let region = Mapping::rw(2 * size)?;
     let addr = mem::align_up(region.addr(), size);

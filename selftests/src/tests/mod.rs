@@ -8,6 +8,7 @@ use std::time::Duration;
 
 mod badinput;
 mod devmem;
+mod devmem_life;
 mod fuzz;
 mod hostile;
 mod lockdrop;
@@ -23,6 +24,7 @@ pub fn all() -> Vec<&'static Test> {
         mirror::TESTS,
         snapshot::TESTS,
         devmem::TESTS,
+        devmem_life::TESTS,
         badinput::TESTS,
         lockdrop::TESTS,
         lockdrop_race::TESTS,

@@ -20,7 +20,7 @@
 use super::lockdrop::{fill_handler, UffdRegion, HANDLER_SEED};
 use super::ops::{Op, OPS};
 use super::{prompt, reap};
-use crate::check::pattern;
+use crate::check::{check_each, pattern};
 use crate::dmirror::{errno_name, ioctl_raw, page_size, Dmirror};
 use crate::harness::{describe, Failure, Test, TestResult};
 use crate::mem::{self, Guarded, Mapping};
@@ -326,10 +326,29 @@ const RANDOM_OPS: &[(Op, u64)] = &[
     (Op::Flags, 1),
 ];
 
+/// The commands of `mm_churn`'s workers, by weight: [`RANDOM_OPS`] and
+/// the ones that move pages between system and device memory.
+const CHURN_OPS: &[(Op, u64)] = &[
+    (Op::Read, 4),
+    (Op::Write, 3),
+    (Op::Snapshot, 2),
+    (Op::ReadUnlockable, 3),
+    (Op::MigrateToDev, 3),
+    (Op::MigrateToSys, 2),
+    (Op::Exclusive, 2),
+    (Op::CheckExclusive, 1),
+    (Op::Release, 1),
+    (Op::Flags, 1),
+];
+
 fn random_op(rng: &mut Rng) -> Op {
-    let total: u64 = RANDOM_OPS.iter().map(|&(_, w)| w).sum();
+    pick_op(rng, RANDOM_OPS)
+}
+
+fn pick_op(rng: &mut Rng, ops: &[(Op, u64)]) -> Op {
+    let total: u64 = ops.iter().map(|&(_, w)| w).sum();
     let mut x = rng.below(total);
-    for &(op, w) in RANDOM_OPS {
+    for &(op, w) in ops {
         if x < w {
             return op;
         }
@@ -377,16 +396,131 @@ fn random_ioctl(
 /// EPERM for WRITE to a page made read-only; EBUSY when invalidations
 /// keep a range fault retrying past its timeout (1 s in C; READ,
 /// WRITE and SNAPSHOT). READ_UNLOCKABLE retries without a timeout, so no
-/// EBUSY. SNAPSHOT does not fault (holes are reported, not refused);
-/// CHECK_EXCLUSIVE and FLAGS only look at the arguments.
+/// EBUSY. SNAPSHOT does not fault (holes are reported, not refused).
+/// Migrations look the VMA up first: EINVAL where there is none or it is
+/// PROT_NONE (the guard too). MIGRATE_TO_DEV answers ENOENT when its
+/// read-back finds a page that did not move (locked, shared with a forked
+/// child, or invalidated under it) and EFAULT/EBUSY as READ for that
+/// read-back. FLAGS sometimes asks for a failed allocation: MIGRATE_TO_DEV
+/// then leaves that page (ENOENT), MIGRATE_TO_SYS fails with ENOMEM.
+/// EXCLUSIVE fails as a write fault would (EFAULT; EBUSY from its
+/// read-back), and with ENOENT when its read-back finds a page whose
+/// exclusive access a CPU access or an invalidation already took back.
+/// CHECK_EXCLUSIVE answers EPERM while EXCLUSIVE's access lasts. RELEASE
+/// and FLAGS always succeed.
 fn allowed_churn(op: Op) -> &'static [i32] {
+    if fault_consumes_fail_alloc() {
+        // C's migrate_to_ram honours a pending FAIL_ALLOC of the file that
+        // migrated the page: a command whose fault brings a device page
+        // back then fails with ENOMEM (VM_FAULT_OOM). The Rust module
+        // applies FAIL_ALLOC to its own migrations only.
+        return match op {
+            Op::Read => &[libc::EFAULT, libc::EBUSY, libc::ENOMEM],
+            Op::ReadUnlockable => &[libc::EFAULT, libc::ENOMEM],
+            Op::Write => &[libc::EFAULT, libc::EPERM, libc::EBUSY, libc::ENOMEM],
+            Op::Exclusive => &[libc::EFAULT, libc::EBUSY, libc::ENOENT, libc::ENOMEM],
+            _ => allowed_churn_rust(op),
+        };
+    }
+    allowed_churn_rust(op)
+}
+
+fn allowed_churn_rust(op: Op) -> &'static [i32] {
     match op {
         Op::Read => &[libc::EFAULT, libc::EBUSY],
         Op::ReadUnlockable => &[libc::EFAULT],
         Op::Write => &[libc::EFAULT, libc::EPERM, libc::EBUSY],
         Op::Snapshot => &[libc::EBUSY],
+        Op::MigrateToDev => &[libc::EINVAL, libc::ENOENT, libc::EFAULT, libc::EBUSY],
+        Op::MigrateToSys => &[libc::EINVAL, libc::ENOMEM],
+        Op::Exclusive => &[libc::EFAULT, libc::EBUSY, libc::ENOENT],
+        Op::CheckExclusive => &[libc::EPERM],
         _ => &[],
     }
+}
+
+/// Whether the module under test is C's, whose CPU faults on device pages
+/// consume FAIL_ALLOC.
+fn fault_consumes_fail_alloc() -> bool {
+    std::path::Path::new("/sys/module/test_hmm").exists()
+}
+
+/// What the region of `mm_churn` holds: page `page` is either all zero
+/// (never written, zapped or mapped over) or all this pattern, which the
+/// CPU and WRITE are the only ones to write.
+fn churn_byte(page: usize, off: usize) -> u8 {
+    pattern(0x3C, page, off)
+}
+
+/// Fills `buf` with the churn pattern of the pages from `first` on.
+fn churn_fill(first: usize, buf: &mut [u8]) {
+    let ps = page_size();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = churn_byte(first + i / ps, i % ps);
+    }
+}
+
+/// Where `data`, read from the pages from `first` on, holds a byte that
+/// is neither zero nor the churn pattern: a page of the wrong data.
+fn churn_mismatch(first: usize, data: &[u8]) -> Option<String> {
+    let ps = page_size();
+    data.iter().enumerate().find_map(|(i, &b)| {
+        let want = churn_byte(first + i / ps, i % ps);
+        (b != want && b != 0).then(|| {
+            format!(
+                "page {} offset {}: {b:#04x}, want {want:#04x} or 0",
+                first + i / ps,
+                i % ps
+            )
+        })
+    })
+}
+
+/// One random command of [`CHURN_OPS`] over the churn region, sometimes
+/// running one page into the guard. WRITE writes the churn pattern; what
+/// READ and READ_UNLOCKABLE return must be zero or that pattern.
+fn churn_ioctl(fd: RawFd, rng: &mut Rng, region: usize, out: &mut [u8], t: &Tally) -> TestResult {
+    let ps = page_size();
+    let pages = CHURN_PAGES;
+    let op = pick_op(rng, CHURN_OPS);
+    let first = rng.below(pages as u64) as usize;
+    let npages = match op {
+        // FAIL_ALLOC (bit 0) now and then: a migration then fails one
+        // allocation, which must lose no data. Else bit 1 alone (the Rust
+        // module's FAIL_ALLOC_NTH with N = 0: none; C ignores it). Zero is
+        // EINVAL.
+        Op::Flags => {
+            if rng.below(4) == 0 {
+                1
+            } else {
+                2
+            }
+        }
+        _ => 1 + rng.below((pages - first + 1) as u64) as usize,
+    };
+    let len = npages.min(pages + 1) * ps;
+    if op == Op::Write {
+        churn_fill(first, &mut out[..len]);
+    }
+    let mut cmd = HmmDmirrorCmd {
+        addr: (region + first * ps) as u64,
+        ptr: out.as_mut_ptr() as u64,
+        npages: npages as u64,
+        ..Default::default()
+    };
+    t.issue();
+    let r = ioctl_raw(
+        fd,
+        op.request() as libc::c_ulong,
+        &mut cmd as *mut _ as usize,
+    );
+    t.record(op, &r);
+    if r.is_ok() && matches!(op, Op::Read | Op::ReadUnlockable) {
+        if let Some(bad) = churn_mismatch(first, &out[..len]) {
+            return Err(format!("{} of {npages} pages at page {first}: {bad}", op.name()).into());
+        }
+    }
+    Ok(())
 }
 
 const CHURN_PAGES: usize = 32;
@@ -400,13 +534,16 @@ struct Mutations {
     mremap: u64,
     mremap_refused: u64,
     fork: u64,
+    filled: u64,
 }
 
-/// Workers issue random READ, WRITE, SNAPSHOT, READ_UNLOCKABLE,
-/// CHECK_EXCLUSIVE and FLAGS over a region while a mutator unmaps and
-/// maps it back, maps over it, changes its protection, moves parts away
-/// and back with mremap, zaps it with MADV_DONTNEED and forks (the child
-/// exits at once). Allowed: see `allowed_churn`.
+/// Workers issue every command but the unlocked read at random over a
+/// region while a mutator unmaps and maps it back, maps over it, changes
+/// its protection, moves parts away and back with mremap, zaps it with
+/// MADV_DONTNEED, fills pages with their pattern and forks (the child
+/// exits at once). Allowed: see `allowed_churn`. Data: every page the
+/// device or the CPU reads is zero or its pattern, during the run and
+/// after it, and then the device reads exactly what the CPU does.
 fn mm_churn() -> TestResult {
     let cfg = config()?;
     let d = Dmirror::open(0)?;
@@ -417,34 +554,65 @@ fn mm_churn() -> TestResult {
     let (base, fd) = (region.addr(), d.raw_fd());
     let mut workers = Vec::new();
     for i in 0..CHURN_WORKERS {
-        let out = Mapping::rw((CHURN_PAGES + 1) * page_size())?;
+        let mut out = Mapping::rw((CHURN_PAGES + 1) * page_size())?;
         let t = tally.clone();
         let mut rng = Rng::new(cfg.seed ^ (i as u64 + 1));
-        workers.push(std::thread::spawn(move || {
+        workers.push(std::thread::spawn(move || -> TestResult {
             while budget.more(&t) {
-                random_ioctl(fd, &mut rng, base, CHURN_PAGES, out.addr(), &t);
+                if let Err(e) = churn_ioctl(fd, &mut rng, base, out.bytes_mut(), &t) {
+                    t.stop();
+                    return Err(e);
+                }
             }
+            Ok(())
         }));
     }
     let mut rng = Rng::new(cfg.seed);
     let res = mutate(&mut rng, base, scratch.addr(), &budget, &tally);
     tally.stop();
     for w in workers {
-        w.join().map_err(|_| "a worker panicked".to_string())?;
+        w.join().map_err(|_| "a worker panicked".to_string())??;
     }
     let m = res?;
     diag!(
-        "mutations: {} mmap over, {} mprotect, {} MADV_DONTNEED, {} mremap there and back ({} refused), {} fork",
-        m.remap, m.mprotect, m.dontneed, m.mremap, m.mremap_refused, m.fork
+        "mutations: {} mmap over, {} mprotect, {} MADV_DONTNEED, {} mremap there and back ({} refused), {} fork, {} pages filled",
+        m.remap, m.mprotect, m.dontneed, m.mremap, m.mremap_refused, m.fork, m.filled
     );
-    report("mm_churn", &tally, allowed_churn)
+    report("mm_churn", &tally, allowed_churn)?;
+    churn_settled(&d, base)
+}
+
+/// After the churn: each page of the region is all zero or all its
+/// pattern (nothing torn: nobody writes any more), and the device reads
+/// exactly what the CPU does.
+fn churn_settled(d: &Dmirror, base: usize) -> TestResult {
+    let ps = page_size();
+    mem::protect(base, CHURN_PAGES * ps, rw())?;
+    // SAFETY: the region is mapped read/write, and nothing else runs.
+    let cpu = unsafe { std::slice::from_raw_parts(base as *const u8, CHURN_PAGES * ps) }.to_vec();
+    let mut filled = 0;
+    for (page, data) in cpu.chunks(ps).enumerate() {
+        if data.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let mut want = vec![0; ps];
+        churn_fill(page, &mut want);
+        check_each(&format!("page {page} after the churn"), data, |i| want[i])?;
+        filled += 1;
+    }
+    let out = Mapping::rw(CHURN_PAGES * ps)?;
+    let c = d.read(base, out.addr(), CHURN_PAGES)?;
+    ensure_eq!(c.cpages, CHURN_PAGES as u64);
+    check_each("device read after the churn", out.bytes(), |i| cpu[i])?;
+    diag!("after the churn: {filled} pages hold their pattern, the rest zero");
+    Ok(())
 }
 
 fn rw() -> i32 {
     libc::PROT_READ | libc::PROT_WRITE
 }
 
-fn mremap_to(from: usize, len: usize, to: usize) -> io::Result<()> {
+pub(super) fn mremap_to(from: usize, len: usize, to: usize) -> io::Result<()> {
     // SAFETY: moves our own pages onto our own range.
     let p = unsafe {
         libc::mremap(
@@ -496,13 +664,15 @@ fn mutate(
                 m.mprotect += 1;
             }
             3 => {
-                // Back to read/write, and populate a few pages.
+                // Back to read/write, and fill a few pages with their
+                // pattern.
                 mem::protect(base, CHURN_PAGES * ps, rw()).map_err(|e| lost("mprotect", e))?;
-                for p in (addr..addr + len).step_by(ps) {
-                    // SAFETY: the whole region is mapped read/write now.
-                    unsafe { std::ptr::write_volatile(p as *mut u8, first as u8) };
-                }
+                // SAFETY: the whole region is mapped read/write now; the
+                // workers only reach it through the kernel.
+                let data = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+                churn_fill(first, data);
                 m.mprotect += 1;
+                m.filled += n as u64;
             }
             4 => {
                 mem::madvise(addr, len, libc::MADV_DONTNEED).map_err(|e| lost("madvise", e))?;
@@ -547,7 +717,7 @@ fn mutate(
 
 /// Reap `pid` within `within`, or report where its threads are, SIGKILL
 /// it and fail.
-fn reap_within(pid: libc::pid_t, within: Duration, what: &str) -> Result<i32, Failure> {
+pub(super) fn reap_within(pid: libc::pid_t, within: Duration, what: &str) -> Result<i32, Failure> {
     let start = Instant::now();
     loop {
         let mut st = 0;
