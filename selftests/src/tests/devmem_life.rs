@@ -185,7 +185,7 @@ fn close_while_child_maps() -> TestResult {
         let got = unsafe { libc::read(rfd, (&mut byte as *mut u8).cast(), 1) };
         let code = (|| -> TestResult {
             ensure_eq!(got, 1);
-            let watcher = Dmirror::open(1)?;
+            let watcher = Dmirror::open(0)?;
             let snap = Mapping::rw(n)?;
             watcher.snapshot(addr, snap.addr(), n)?;
             let kinds: Vec<u8> = snap.bytes()[..n].iter().map(|b| b & KIND).collect();
