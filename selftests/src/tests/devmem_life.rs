@@ -168,7 +168,7 @@ fn close_while_child_maps() -> TestResult {
     let buf = buffer(SIZE)?;
     let out = Mapping::rw(SIZE)?;
     migrate_to_dev(&d, &buf, &out)?;
-    let (addr, n) = (buf.addr(), npages(SIZE));
+    let (addr, n, dfd) = (buf.addr(), npages(SIZE), d.raw_fd());
     let mut fds = [0; 2];
     // SAFETY: a fresh pipe into `fds`.
     ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe");
@@ -179,6 +179,10 @@ fn close_while_child_maps() -> TestResult {
         return Err(std::io::Error::last_os_error().into());
     }
     if pid == 0 {
+        // The parent's close releases the file only once this copy of its
+        // descriptor is gone too.
+        // SAFETY: the child's copy of the parent's descriptor, not used here.
+        unsafe { libc::close(dfd) };
         let mut byte = 0u8;
         // SAFETY: reads one byte into `byte`; the parent writes it after
         // closing its file.
@@ -436,9 +440,10 @@ fn exclusive_thp() -> TestResult {
     check_each("CPU data", words, |i| i as u32 + 1)
 }
 
-/// READ_UNLOCKABLE over pages in the device's own memory reads them where
-/// they are; through the other device it faults them back to system
-/// memory. The data is intact both ways.
+/// READ_UNLOCKABLE over pages in the device's own memory faults them into
+/// its mirror where they are (mprotect() erased the mirror the migration
+/// made; they stay in device memory); through the other device it faults
+/// them back to system memory. The data is intact both ways.
 fn read_unlockable_on_device() -> TestResult {
     let d0 = Dmirror::open(0)?;
     let d1 = Dmirror::open(1)?;
@@ -446,6 +451,7 @@ fn read_unlockable_on_device() -> TestResult {
     let n = npages(SIZE);
     let out = Mapping::rw(SIZE)?;
     migrate_to_dev(&d0, &buf, &out)?;
+    buf.protect(libc::PROT_READ)?;
     for (d, name, on_device_after) in [(&d0, "own", true), (&d1, "other", false)] {
         let mut out = Mapping::rw(SIZE)?;
         out.bytes_mut().fill(0xA5);
