@@ -415,12 +415,18 @@ fn migrate_twice() -> TestResult {
     check_on_device(&d, &buf, true)
 }
 
-/// FLAG_FAIL_ALLOC fails the next device page allocation once: that page
-/// does not migrate (ENOENT); the next migration moves it.
+/// FLAG_FAIL_ALLOC fails the next device page allocation once, here in
+/// the middle of a window: the first pages are on the device already (a
+/// migration allocates nothing for them), so the failure hits page
+/// `FIRST`. That page stays (ENOENT), every other one moves, the data is
+/// intact, and the next migration moves the rest.
 fn fail_alloc() -> TestResult {
+    const FIRST: usize = 100;
     let d = Dmirror::open(0)?;
-    let buf = buffer(page_size())?;
-    let out = Mapping::rw(page_size())?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, buf.addr(), out.addr(), FIRST)?;
+    ensure_eq!(c.cpages, FIRST as u64);
     d.cmd(
         HMM_DMIRROR_FLAGS,
         buf.addr(),
@@ -432,9 +438,17 @@ fn fail_alloc() -> TestResult {
         libc::ENOENT,
         "failed allocation",
     )?;
-    check_on_device(&d, &buf, false)?;
+    let kinds: Vec<u8> = snapshot(&d, &buf)?.iter().map(|b| b & KIND).collect();
+    check_each("page kind after the failed allocation", &kinds, |i| {
+        if i == FIRST {
+            HMM_DMIRROR_PROT_NONE
+        } else {
+            HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+        }
+    })?;
+    check_each("CPU read", buf.words(), |i| i as u32)?;
     let c = migrate_to_dev(&d, &buf, &out)?;
-    ensure_eq!(c.cpages, 1);
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
     check_on_device(&d, &buf, true)?;
     check_each("device read", out.words(), |i| i as u32)
 }

@@ -25,7 +25,7 @@ use crate::dmirror::{errno_name, ioctl_raw, page_size, Dmirror};
 use crate::harness::{describe, Failure, Test, TestResult};
 use crate::mem::{self, Guarded, Mapping};
 use crate::{diag, ensure, ensure_eq};
-use hmm_dmirror_uapi::HmmDmirrorCmd;
+use hmm_dmirror_uapi::{HmmDmirrorCmd, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_RELEASE};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;
@@ -375,9 +375,24 @@ fn random_ioctl(
         Op::Flags => 2 + 2 * rng.below(8),
         _ => 1 + rng.below(pages as u64 - first + 1),
     };
+    let addr = region + first as usize * page_size();
+    let r = tallied_ioctl(fd, op, addr, out, npages, t);
+    r.map_or_else(|e| e.raw_os_error().unwrap_or(-1), |_| 0)
+}
+
+/// Issues `op` over `npages` pages at `addr` with `ptr` as its buffer,
+/// counted in `t`.
+fn tallied_ioctl(
+    fd: RawFd,
+    op: Op,
+    addr: usize,
+    ptr: usize,
+    npages: u64,
+    t: &Tally,
+) -> io::Result<i32> {
     let mut cmd = HmmDmirrorCmd {
-        addr: (region + first as usize * page_size()) as u64,
-        ptr: out as u64,
+        addr: addr as u64,
+        ptr: ptr as u64,
         npages,
         ..Default::default()
     };
@@ -388,7 +403,7 @@ fn random_ioctl(
         &mut cmd as *mut _ as usize,
     );
     t.record(op, &r);
-    r.map_or_else(|e| e.raw_os_error().unwrap_or(-1), |_| 0)
+    r
 }
 
 /// Allowed errnos while the address space changes under the commands:
@@ -502,19 +517,8 @@ fn churn_ioctl(fd: RawFd, rng: &mut Rng, region: usize, out: &mut [u8], t: &Tall
     if op == Op::Write {
         churn_fill(first, &mut out[..len]);
     }
-    let mut cmd = HmmDmirrorCmd {
-        addr: (region + first * ps) as u64,
-        ptr: out.as_mut_ptr() as u64,
-        npages: npages as u64,
-        ..Default::default()
-    };
-    t.issue();
-    let r = ioctl_raw(
-        fd,
-        op.request() as libc::c_ulong,
-        &mut cmd as *mut _ as usize,
-    );
-    t.record(op, &r);
+    let ptr = out.as_mut_ptr() as usize;
+    let r = tallied_ioctl(fd, op, region + first * ps, ptr, npages as u64, t);
     if r.is_ok() && matches!(op, Op::Read | Op::ReadUnlockable) {
         if let Some(bad) = churn_mismatch(first, &out[..len]) {
             return Err(format!("{} of {npages} pages at page {first}: {bad}", op.name()).into());
@@ -1012,6 +1016,11 @@ fn exit_during_ioctl() -> TestResult {
     }
     // SAFETY: plain prctl.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
+    // Every exited process left device pages behind; RELEASE must find
+    // them freed or evict them, and return (the case's timeout bounds it).
+    let d = Dmirror::open(0)?;
+    let scratch = Mapping::rw(page_size())?;
+    d.cmd(HMM_DMIRROR_RELEASE, scratch.addr(), scratch.addr(), 1)?;
     diag!(
         "{} owner exits, {} owner exits under an inheriting process",
         rounds[0],
@@ -1097,6 +1106,9 @@ fn exit_child_run(
     let region = Guarded::rw(EXIT_PAGES)?;
     let out = Mapping::rw((EXIT_PAGES + 1) * page_size())?;
     let (fd, base, outp) = (d.raw_fd(), region.addr(), out.addr());
+    // Device pages outstanding when the process exits: its teardown, or
+    // the file's release, must give them back (see the RELEASE after it).
+    d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, base, outp, EXIT_PAGES)?;
     t.set_phase(1);
     if variant == 0 {
         let before = t.issued();
