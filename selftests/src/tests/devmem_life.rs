@@ -12,7 +12,7 @@ use super::devmem::{
 };
 use super::stress::{mremap_to, reap_within};
 use crate::check::{check_each, expect_errno};
-use crate::dmirror::{errno, Dmirror};
+use crate::dmirror::{errno, page_size, Dmirror};
 use crate::harness::{describe, fork_and_wait, Test, TestResult};
 use crate::mem::{self, Mapping};
 use crate::{diag, ensure, ensure_eq};
@@ -22,6 +22,9 @@ use std::time::Duration;
 
 pub const TESTS: &[Test] = &[
     Test::new("devmem.release_from_sibling", release_from_sibling),
+    Test::new("devmem.sibling_writes_migrated", sibling_writes_migrated),
+    Test::new("devmem.migrate_zero_page", migrate_zero_page),
+    Test::new("devmem.migrate_exclusive", migrate_exclusive),
     Test::new("devmem.release_races_migration", release_races_migration),
     Test::new("devmem.fork_child_mirror", fork_child_mirror),
     Test::new("devmem.close_while_child_maps", close_while_child_maps),
@@ -32,6 +35,7 @@ pub const TESTS: &[Test] = &[
     Test::new("devmem.migrate_across_prot_none", migrate_across_prot_none),
     Test::new("devmem.fail_alloc_to_sys", fail_alloc_to_sys),
     Test::new("devmem.fail_alloc_to_sys_thp", fail_alloc_to_sys_thp),
+    Test::new("devmem.fail_alloc_cpu_fault", fail_alloc_cpu_fault),
     Test::new("devmem.exclusive_on_device", exclusive_on_device),
     Test::new("devmem.exclusive_thp", exclusive_thp),
     Test::new(
@@ -69,6 +73,103 @@ fn release_from_sibling() -> TestResult {
     check_each("CPU read after the sibling's RELEASE", buf.words(), |i| {
         i as u32
     })
+}
+
+/// A second file of the same device READs and WRITEs pages that the
+/// first migrated: they are that device's own pages, so it mirrors them
+/// where they are (they stay on the device), and the CPU then reads what
+/// it wrote.
+fn sibling_writes_migrated() -> TestResult {
+    let a = Dmirror::open(0)?;
+    let b = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&a, &buf, &out)?;
+    refault_read(&b, &buf)?;
+    check_on_device(&a, &buf, true)?;
+    let n = npages(SIZE);
+    let mut src = Mapping::rw(SIZE)?;
+    for (i, w) in src.words_mut().iter_mut().enumerate() {
+        *w = !(i as u32);
+    }
+    let c = b.write(buf.addr(), src.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_on_device(&a, &buf, true)?;
+    let c = a.read(buf.addr(), out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each(
+        "the first file's read of the sibling's write",
+        out.words(),
+        |i| !(i as u32),
+    )?;
+    check_each("CPU read of the sibling's write", buf.words(), |i| {
+        !(i as u32)
+    })
+}
+
+/// Memory the CPU has only read maps the shared zero page: it migrates
+/// like a hole, every page, and the device reads zeros from its own
+/// memory.
+fn migrate_zero_page() -> TestResult {
+    let d = Dmirror::open(0)?;
+    let buf = Mapping::rw(SIZE)?;
+    mem::madvise(buf.addr(), SIZE, libc::MADV_NOHUGEPAGE)?;
+    check_each("CPU read of untouched memory", buf.words(), |_| 0)?;
+    let zero: Vec<u8> = snapshot(&d, &buf)?
+        .iter()
+        .map(|b| b & HMM_DMIRROR_PROT_ZERO)
+        .collect();
+    check_each("zero page before the migration", &zero, |_| {
+        HMM_DMIRROR_PROT_ZERO
+    })?;
+    let mut out = Mapping::rw(SIZE)?;
+    out.bytes_mut().fill(0xA5);
+    let c = migrate_to_dev(&d, &buf, &out)?;
+    ensure_eq!(c.cpages, npages(SIZE) as u64);
+    check_each("device read", out.words(), |_| 0)?;
+    check_on_device(&d, &buf, true)?;
+    check_each("CPU read after the migration", buf.words(), |_| 0)
+}
+
+/// MIGRATE_TO_DEV over pages the device holds exclusively: migration
+/// collects only present and device-private entries, so none of them
+/// moves, the pages stay in system memory and their data is intact. The
+/// modules differ in what the device keeps, by design: C's notifier skips
+/// its file's own migrations, so its atomic entries survive (the read-back
+/// reads them: success, and CHECK_EXCLUSIVE still refuses); the Rust
+/// mirror erases its range on every invalidation, the migration's too, so
+/// the read-back finds nothing mapped (ENOENT) and the device no longer
+/// claims the access.
+fn migrate_exclusive() -> TestResult {
+    let c_module = std::path::Path::new("/sys/module/test_hmm").exists();
+    let d = Dmirror::open(0)?;
+    let mut buf = buffer(SIZE)?;
+    let n = npages(SIZE);
+    let out = Mapping::rw(SIZE)?;
+    let c = d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    let mut read_back = Mapping::rw(SIZE)?;
+    read_back.bytes_mut().fill(0xA5);
+    let r = migrate_to_dev(&d, &buf, &read_back);
+    let kinds: Vec<u8> = snapshot(&d, &buf)?.iter().map(|b| b & KIND).collect();
+    check_each("page kind", &kinds, |_| HMM_DMIRROR_PROT_NONE)?;
+    if c_module {
+        ensure_eq!(r?.cpages, n as u64, "C: read back from its atomic entries");
+        check_each("C's read-back", read_back.words(), |i| i as u32)?;
+        expect_errno(
+            check_exclusive(&d, &buf, &out),
+            libc::EPERM,
+            "C: still exclusive",
+        )?;
+    } else {
+        expect_errno(r, libc::ENOENT, "Rust: nothing moved, nothing mapped")?;
+        check_exclusive(&d, &buf, &out)?;
+    }
+    for w in buf.words_mut() {
+        *w = w.wrapping_add(1);
+    }
+    check_exclusive(&d, &buf, &out)?;
+    check_each("CPU data", buf.words(), |i| i as u32 + 1)
 }
 
 /// Rounds of [`release_races_migration`].
@@ -387,6 +488,34 @@ fn fail_alloc_to_sys_thp() -> TestResult {
         HMM_DMIRROR_PROT_NONE
     })?;
     check_each("CPU read", words_at(addr, size), |i| i as u32)
+}
+
+/// FAIL_ALLOC pending while the CPU faults device pages back: the data
+/// comes back intact on both modules. They differ on the flag, by design:
+/// C's `migrate_to_ram` consumes the flag of the file that migrated the
+/// page (its first fault fails with VM_FAULT_OOM and is retried), so the
+/// next migration succeeds; the Rust module's CPU faults do not look at a
+/// file's flags (a device page does not point to a file, which may be
+/// gone), so the next migration fails its one allocation (ENOENT).
+fn fail_alloc_cpu_fault() -> TestResult {
+    let c_module = std::path::Path::new("/sys/module/test_hmm").exists();
+    let d = Dmirror::open(0)?;
+    let buf = buffer(SIZE)?;
+    let out = Mapping::rw(SIZE)?;
+    migrate_to_dev(&d, &buf, &out)?;
+    let flags = HMM_DMIRROR_FLAG_FAIL_ALLOC as usize;
+    d.cmd(HMM_DMIRROR_FLAGS, buf.addr(), out.addr(), flags)?;
+    check_each("CPU read of the device pages", buf.words(), |i| i as u32)?;
+    check_on_device(&d, &buf, false)?;
+    let page = buffer(page_size())?;
+    let next = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, page.addr(), out.addr(), 1);
+    if c_module {
+        let c = next?;
+        ensure_eq!(c.cpages, 1, "C: the CPU fault consumed FAIL_ALLOC");
+    } else {
+        expect_errno(next, libc::ENOENT, "Rust: FAIL_ALLOC still pending")?;
+    }
+    Ok(())
 }
 
 /// EXCLUSIVE over pages in the device's own memory brings them back to

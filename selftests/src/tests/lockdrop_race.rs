@@ -11,7 +11,7 @@ use crate::check::{check_each, expect_errno, pattern};
 use crate::dmirror::{page_size, Dmirror};
 use crate::harness::{describe, send_diag, Test, TestResult};
 use crate::mem::{self, Mapping};
-use crate::uffd::{Handler, HandlerConfig, UFFD_EVENT_PAGEFAULT};
+use crate::uffd::{Answer, Handler, HandlerConfig, UFFD_EVENT_PAGEFAULT};
 use crate::{diag, ensure, ensure_eq};
 use hmm_dmirror_uapi::HMM_DMIRROR_READ_UNLOCKABLE;
 use std::io;
@@ -33,6 +33,7 @@ pub const TESTS: &[Test] = &[
         invalidate_while_waiting,
     ),
     Test::new("lockdrop.wake_without_resolving", wake_without_resolving),
+    Test::new("lockdrop.hugetlb_zeropage", hugetlb_zeropage),
 ];
 
 type ReadResult = io::Result<crate::dmirror::Counters>;
@@ -191,6 +192,62 @@ fn uffd_closed_while_waiting() -> TestResult {
     ensure_eq!(c.cpages, n as u64);
     check_each("device read", out.bytes(), |_| 0)?;
     check_each("CPU view", map.bytes(), |_| 0)
+}
+
+/// A handler that answers a hugetlb fault with UFFDIO_ZEROPAGE, which
+/// hugetlb does not support: the ioctl fails with EINVAL and the fault is
+/// never resolved. The read waits, then must end once the userfaultfd is
+/// closed (the range is no longer registered: it reads fresh zeros).
+fn hugetlb_zeropage() -> TestResult {
+    let hsize = match mem::ensure_free_hugepages(1) {
+        Ok(s) => s,
+        Err(why) => crate::skip!("{why}"),
+    };
+    let n = hsize / page_size();
+    let d = Arc::new(Dmirror::open(0)?);
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
+    let map = match Mapping::new(hsize, libc::PROT_READ | libc::PROT_WRITE, flags, -1) {
+        Ok(m) => m,
+        Err(e) => crate::skip!("huge page could not be mapped: {e}"),
+    };
+    let uffd = Arc::new(new_uffd()?);
+    if let Err(e) = uffd.register_missing(map.addr(), hsize) {
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            crate::skip!("userfaultfd cannot register hugetlbfs here: {e}");
+        }
+        return Err(e.into());
+    }
+    let cfg = HandlerConfig {
+        answer: Answer::ZeroPage,
+        ..HandlerConfig::copy(map.addr(), hsize, |_, _| {})
+    };
+    let h = Handler::spawn(uffd.clone(), cfg)?;
+    let mut out = Mapping::rw(hsize)?;
+    out.bytes_mut().fill(0xEE);
+    let (rx, reader) = spawn_reader(d, map.addr(), out.addr(), n);
+    let start = Instant::now();
+    while h.seen() == 0 && start.elapsed() < prompt() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ensure!(h.seen() > 0, "no fault reached the handler");
+    let err = match h.stop() {
+        Err(e) => e,
+        Ok(st) => return Err(format!("UFFDIO_ZEROPAGE on hugetlb succeeded: {st:?}").into()),
+    };
+    // The handler keeps the errno's kind: EINVAL is InvalidInput.
+    ensure_eq!(err.kind(), io::ErrorKind::InvalidInput, "handler: {err}");
+    ensure!(
+        rx.try_recv().is_err(),
+        "the read returned though its fault was never resolved"
+    );
+    drop(uffd);
+    let res = rx
+        .recv_timeout(prompt())
+        .map_err(|_| format!("the read did not end within {:?} of the close", prompt()))?;
+    reader.join().map_err(|_| "reader panicked".to_string())?;
+    let c = res?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each("device read", out.bytes(), |_| 0)
 }
 
 /// The handler answers every fault with UFFDIO_WAKE alone: the fault
