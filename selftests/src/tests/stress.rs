@@ -579,7 +579,14 @@ fn mm_churn() -> TestResult {
         }));
     }
     let mut rng = Rng::new(cfg.seed);
-    let res = mutate(&mut rng, base, scratch.addr(), &budget, &tally);
+    let res = mutate(
+        &mut rng,
+        base,
+        scratch.addr(),
+        &budget,
+        &tally,
+        churn_mremap(),
+    );
     tally.stop();
     for w in workers {
         w.join().map_err(|_| "a worker panicked".to_string())??;
@@ -671,6 +678,7 @@ fn mutate(
     scratch: usize,
     budget: &Budget,
     t: &Tally,
+    mremap: bool,
 ) -> Result<Mutations, Failure> {
     let ps = page_size();
     let mut m = Mutations::default();
@@ -722,7 +730,7 @@ fn mutate(
                 // it, none. Not explained yet (the kernel's multi-VMA
                 // mremap, or this test): DMIRROR_CHURN_MREMAP=1 brings it
                 // back for that investigation.
-                if !churn_mremap() {
+                if !mremap {
                     continue;
                 }
                 let to = scratch + first * ps;
@@ -1505,7 +1513,15 @@ mod tests {
             max_ioctls: u64::MAX,
             seed: 0,
         });
-        let m = mutate(&mut Rng::new(5), region.addr(), scratch.addr(), &b, &t).unwrap();
+        let m = mutate(
+            &mut Rng::new(5),
+            region.addr(),
+            scratch.addr(),
+            &b,
+            &t,
+            true,
+        )
+        .unwrap();
         assert!(m.remap > 0 && m.mprotect > 0 && m.fork > 0, "{m:?}");
         assert!(m.mremap + m.mremap_refused > 0, "{m:?}");
         mem::protect(region.addr(), region.len(), rw()).unwrap();
