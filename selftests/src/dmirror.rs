@@ -160,6 +160,12 @@ pub fn ioctl_raw(fd: RawFd, request: libc::c_ulong, arg: usize) -> io::Result<i3
     }
 }
 
+/// Whether the module under test is C's `test_hmm.ko`, for the cases whose
+/// expected result differs between the modules by design.
+pub fn c_module_loaded() -> bool {
+    std::path::Path::new("/sys/module/test_hmm").exists()
+}
+
 pub fn page_size() -> usize {
     // SAFETY: plain libc call.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }

@@ -109,6 +109,19 @@ pub(super) fn snapshot(d: &Dmirror, buf: &Mapping) -> Result<Vec<u8>, crate::har
     Ok(out.bytes()[..n].to_vec())
 }
 
+/// The page kind (SNAPSHOT's `KIND` bits) of each of the `n` pages at
+/// `addr`, as `d` sees them.
+pub(super) fn page_kinds(
+    d: &Dmirror,
+    addr: usize,
+    n: usize,
+) -> Result<Vec<u8>, crate::harness::Failure> {
+    let snap = Mapping::rw(n.max(1))?;
+    let c = d.snapshot(addr, snap.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    Ok(snap.bytes()[..n].iter().map(|b| b & KIND).collect())
+}
+
 /// Checks that every page of `buf` is (or is not) in device 0's memory.
 pub(super) fn check_on_device(d: &Dmirror, buf: &Mapping, on_device: bool) -> TestResult {
     let want = |_| {
@@ -118,7 +131,7 @@ pub(super) fn check_on_device(d: &Dmirror, buf: &Mapping, on_device: bool) -> Te
             HMM_DMIRROR_PROT_NONE
         }
     };
-    let kinds: Vec<u8> = snapshot(d, buf)?.iter().map(|b| b & KIND).collect();
+    let kinds = page_kinds(d, buf.addr(), npages(buf.len()))?;
     check_each("snapshot page kind", &kinds, want)
 }
 
@@ -276,9 +289,7 @@ fn migrate_pud_hole() -> TestResult {
     let c = d.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, out.addr(), n)?;
     ensure_eq!(c.cpages, n as u64);
     check_each("device read of the migrated hole", out.words(), |_| 0)?;
-    let snap = Mapping::rw(n)?;
-    d.snapshot(addr, snap.addr(), n)?;
-    let kinds: Vec<u8> = snap.bytes()[..n].iter().map(|b| b & KIND).collect();
+    let kinds = page_kinds(&d, addr, n)?;
     check_each("page kind after the migration", &kinds, |_| {
         HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
     })?;
@@ -438,7 +449,7 @@ fn fail_alloc() -> TestResult {
         libc::ENOENT,
         "failed allocation",
     )?;
-    let kinds: Vec<u8> = snapshot(&d, &buf)?.iter().map(|b| b & KIND).collect();
+    let kinds = page_kinds(&d, buf.addr(), npages(SIZE))?;
     check_each("page kind after the failed allocation", &kinds, |i| {
         if i == FIRST {
             HMM_DMIRROR_PROT_NONE

@@ -7,12 +7,13 @@
 //! checks the data word by word.
 
 use super::devmem::{
-    buffer, check_exclusive, check_on_device, migrate_to_dev, migrate_to_sys, npages, refault_read,
-    snapshot, thp_buffer, KIND, SIZE,
+    buffer, check_exclusive, check_on_device, migrate_to_dev, migrate_to_sys, npages, page_kinds,
+    refault_read, snapshot, thp_buffer, KIND, SIZE,
 };
+use super::lockdrop_race::{read_byte, write_byte};
 use super::stress::{mremap_to, reap_within};
 use crate::check::{check_each, expect_errno};
-use crate::dmirror::{errno, page_size, Dmirror};
+use crate::dmirror::{c_module_loaded, errno, page_size, Dmirror};
 use crate::harness::{describe, fork_and_wait, Test, TestResult};
 use crate::mem::{self, Mapping};
 use crate::{diag, ensure, ensure_eq};
@@ -141,7 +142,7 @@ fn migrate_zero_page() -> TestResult {
 /// the read-back finds nothing mapped (ENOENT) and the device no longer
 /// claims the access.
 fn migrate_exclusive() -> TestResult {
-    let c_module = std::path::Path::new("/sys/module/test_hmm").exists();
+    let c_module = c_module_loaded();
     let d = Dmirror::open(0)?;
     let mut buf = buffer(SIZE)?;
     let n = npages(SIZE);
@@ -151,7 +152,7 @@ fn migrate_exclusive() -> TestResult {
     let mut read_back = Mapping::rw(SIZE)?;
     read_back.bytes_mut().fill(0xA5);
     let r = migrate_to_dev(&d, &buf, &read_back);
-    let kinds: Vec<u8> = snapshot(&d, &buf)?.iter().map(|b| b & KIND).collect();
+    let kinds = page_kinds(&d, buf.addr(), n)?;
     check_each("page kind", &kinds, |_| HMM_DMIRROR_PROT_NONE)?;
     if c_module {
         ensure_eq!(r?.cpages, n as u64, "C: read back from its atomic entries");
@@ -284,16 +285,11 @@ fn close_while_child_maps() -> TestResult {
         // descriptor is gone too.
         // SAFETY: the child's copy of the parent's descriptor, not used here.
         unsafe { libc::close(dfd) };
-        let mut byte = 0u8;
-        // SAFETY: reads one byte into `byte`; the parent writes it after
-        // closing its file.
-        let got = unsafe { libc::read(rfd, (&mut byte as *mut u8).cast(), 1) };
+        // The parent writes the byte after closing its file.
+        let got = read_byte(rfd, super::prompt());
         let code = (|| -> TestResult {
-            ensure_eq!(got, 1);
-            let watcher = Dmirror::open(0)?;
-            let snap = Mapping::rw(n)?;
-            watcher.snapshot(addr, snap.addr(), n)?;
-            let kinds: Vec<u8> = snap.bytes()[..n].iter().map(|b| b & KIND).collect();
+            ensure_eq!(got?, Some(1));
+            let kinds = page_kinds(&Dmirror::open(0)?, addr, n)?;
             check_each("the child's pages after the close", &kinds, |_| {
                 HMM_DMIRROR_PROT_NONE
             })?;
@@ -310,11 +306,9 @@ fn close_while_child_maps() -> TestResult {
     let (addr, len) = buf.leak();
     mem::unmap(addr, len)?;
     d.close()?;
-    // SAFETY: one byte from a live buffer into our pipe.
-    let wrote = unsafe { libc::write(wfd, [1u8].as_ptr().cast(), 1) };
+    write_byte(wfd, 1);
     // SAFETY: our write end, done with.
     unsafe { libc::close(wfd) };
-    ensure_eq!(wrote, 1);
     let status = reap_within(pid, super::prompt(), "the child")?;
     ensure!(status == 0, "child {}", describe(status));
     Ok(())
@@ -357,7 +351,7 @@ fn zap_on_device() -> TestResult {
     migrate_to_dev(&d, &buf, &out)?;
     refault_read(&d, &buf)?;
     mem::madvise(buf.addr(), SIZE, libc::MADV_DONTNEED)?;
-    let kinds: Vec<u8> = snapshot(&d, &buf)?.iter().map(|b| b & KIND).collect();
+    let kinds = page_kinds(&d, buf.addr(), npages(SIZE))?;
     check_each("snapshot after the zap", &kinds, |_| HMM_DMIRROR_PROT_NONE)?;
     let n = npages(SIZE);
     let mut out = Mapping::rw(SIZE)?;
@@ -425,10 +419,8 @@ fn migrate_across_prot_none() -> TestResult {
         libc::EINVAL,
         "migration over a PROT_NONE VMA",
     )?;
-    let snap = Mapping::rw(n)?;
     for (part, on_device) in [(0, true), (2, false)] {
-        d.snapshot(buf.addr() + part * SIZE, snap.addr(), n)?;
-        let kinds: Vec<u8> = snap.bytes()[..n].iter().map(|b| b & KIND).collect();
+        let kinds = page_kinds(&d, buf.addr() + part * SIZE, n)?;
         check_each(&format!("page kind of part {part}"), &kinds, |_| {
             if on_device {
                 HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
@@ -498,7 +490,7 @@ fn fail_alloc_to_sys_thp() -> TestResult {
 /// file's flags (a device page does not point to a file, which may be
 /// gone), so the next migration fails its one allocation (ENOENT).
 fn fail_alloc_cpu_fault() -> TestResult {
-    let c_module = std::path::Path::new("/sys/module/test_hmm").exists();
+    let c_module = c_module_loaded();
     let d = Dmirror::open(0)?;
     let buf = buffer(SIZE)?;
     let out = Mapping::rw(SIZE)?;
@@ -640,15 +632,13 @@ fn killable_under_invalidation() -> TestResult {
                     let _ = h.cmd(HMM_DMIRROR_MIGRATE_TO_DEV, addr, addr, n);
                 }
             });
-            // SAFETY: tells the parent both threads run.
-            unsafe { libc::write(fds[1], [1u8].as_ptr().cast(), 1) };
+            // Tells the parent both threads run.
+            write_byte(fds[1], 1);
             loop {
                 let _ = d.cmd(request, addr, ptr, n);
             }
         }
-        let mut byte = 0u8;
-        // SAFETY: one byte into `byte`, from our child.
-        let got = unsafe { libc::read(fds[0], (&mut byte as *mut u8).cast(), 1) };
+        let got = read_byte(fds[0], super::prompt());
         // SAFETY: our pipe, done with.
         unsafe {
             libc::close(fds[0]);
@@ -658,7 +648,7 @@ fn killable_under_invalidation() -> TestResult {
         // SAFETY: kills our own child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let status = reap_within(pid, super::prompt(), &format!("command {request:#x}"))?;
-        ensure_eq!(got, 1, "command {request:#x}: child did not start");
+        ensure_eq!(got?, Some(1), "command {request:#x}: child did not start");
         ensure!(
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
             "command {request:#x}: child {}",

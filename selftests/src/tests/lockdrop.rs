@@ -92,6 +92,29 @@ impl UffdRegion {
 }
 
 /// A userfaultfd, or a skip if the kernel has none.
+/// One private hugetlb page, registered for missing faults with a new
+/// userfaultfd; skips where the system has no free huge page or uffd
+/// cannot register hugetlb.
+pub fn hugetlb_registered() -> Result<(Mapping, Arc<Uffd>), Failure> {
+    let hsize = match mem::ensure_free_hugepages(1) {
+        Ok(s) => s,
+        Err(why) => skip!("{why}"),
+    };
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
+    let map = match Mapping::new(hsize, libc::PROT_READ | libc::PROT_WRITE, flags, -1) {
+        Ok(m) => m,
+        Err(e) => skip!("huge page could not be mapped: {e}"),
+    };
+    let uffd = Arc::new(new_uffd()?);
+    if let Err(e) = uffd.register_missing(map.addr(), hsize) {
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            skip!("userfaultfd cannot register hugetlbfs here: {e}");
+        }
+        return Err(e.into());
+    }
+    Ok((map, uffd))
+}
+
 pub fn new_uffd() -> Result<Uffd, Failure> {
     match Uffd::new() {
         Ok(u) => Ok(u),
@@ -554,25 +577,11 @@ fn zeropage() -> TestResult {
 /// MAP_HUGETLB memory registered MISSING, resolved with one UFFDIO_COPY of
 /// a whole huge page.
 fn hugetlbfs() -> TestResult {
-    let hsize = match mem::ensure_free_hugepages(1) {
-        Ok(s) => s,
-        Err(why) => skip!("{why}"),
-    };
+    let (map, uffd) = hugetlb_registered()?;
+    let hsize = map.len();
     let ps = page_size();
     let n = hsize / ps;
     let d = Dmirror::open(0)?;
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
-    let map = match Mapping::new(hsize, libc::PROT_READ | libc::PROT_WRITE, flags, -1) {
-        Ok(m) => m,
-        Err(e) => skip!("huge page could not be mapped: {e}"),
-    };
-    let uffd = Arc::new(new_uffd()?);
-    if let Err(e) = uffd.register_missing(map.addr(), hsize) {
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            skip!("userfaultfd cannot register hugetlbfs here: {e}");
-        }
-        return Err(e.into());
-    }
     fn fill_huge(unit: usize, buf: &mut [u8]) {
         let ps = page_size();
         let per = buf.len() / ps;

@@ -5,7 +5,9 @@
 //! or killed. The read must end (with an error where the memory is gone),
 //! never hang.
 
-use super::lockdrop::{check_faults, check_pages, new_uffd, UffdRegion, HANDLER_SEED};
+use super::lockdrop::{
+    check_faults, check_pages, hugetlb_registered, new_uffd, UffdRegion, HANDLER_SEED,
+};
 use super::prompt;
 use crate::check::{check_each, expect_errno, pattern};
 use crate::dmirror::{page_size, Dmirror};
@@ -184,11 +186,7 @@ fn uffd_closed_while_waiting() -> TestResult {
         "the read returned before the fault was answered"
     );
     drop(uffd);
-    let res = rx
-        .recv_timeout(prompt())
-        .map_err(|_| format!("the read did not end within {:?} of the close", prompt()))?;
-    reader.join().map_err(|_| "reader panicked".to_string())?;
-    let c = res?;
+    let c = end_of_read(rx, reader)?;
     ensure_eq!(c.cpages, n as u64);
     check_each("device read", out.bytes(), |_| 0)?;
     check_each("CPU view", map.bytes(), |_| 0)
@@ -199,24 +197,10 @@ fn uffd_closed_while_waiting() -> TestResult {
 /// never resolved. The read waits, then must end once the userfaultfd is
 /// closed (the range is no longer registered: it reads fresh zeros).
 fn hugetlb_zeropage() -> TestResult {
-    let hsize = match mem::ensure_free_hugepages(1) {
-        Ok(s) => s,
-        Err(why) => crate::skip!("{why}"),
-    };
+    let (map, uffd) = hugetlb_registered()?;
+    let hsize = map.len();
     let n = hsize / page_size();
     let d = Arc::new(Dmirror::open(0)?);
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
-    let map = match Mapping::new(hsize, libc::PROT_READ | libc::PROT_WRITE, flags, -1) {
-        Ok(m) => m,
-        Err(e) => crate::skip!("huge page could not be mapped: {e}"),
-    };
-    let uffd = Arc::new(new_uffd()?);
-    if let Err(e) = uffd.register_missing(map.addr(), hsize) {
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            crate::skip!("userfaultfd cannot register hugetlbfs here: {e}");
-        }
-        return Err(e.into());
-    }
     let cfg = HandlerConfig {
         answer: Answer::ZeroPage,
         ..HandlerConfig::copy(map.addr(), hsize, |_, _| {})
@@ -241,13 +225,24 @@ fn hugetlb_zeropage() -> TestResult {
         "the read returned though its fault was never resolved"
     );
     drop(uffd);
-    let res = rx
-        .recv_timeout(prompt())
-        .map_err(|_| format!("the read did not end within {:?} of the close", prompt()))?;
-    reader.join().map_err(|_| "reader panicked".to_string())?;
-    let c = res?;
+    let c = end_of_read(rx, reader)?;
     ensure_eq!(c.cpages, n as u64);
     check_each("device read", out.bytes(), |_| 0)
+}
+
+/// The result of a read started by [`spawn_reader`], which must end within
+/// the prompt bound now that its userfaultfd is closed.
+fn end_of_read(rx: mpsc::Receiver<ReadResult>, reader: std::thread::JoinHandle<()>) -> ReadResult {
+    let res = rx.recv_timeout(prompt()).map_err(|_| {
+        io::Error::other(format!(
+            "the read did not end within {:?} of the close",
+            prompt()
+        ))
+    })?;
+    reader
+        .join()
+        .map_err(|_| io::Error::other("reader panicked"))?;
+    res
 }
 
 /// The handler answers every fault with UFFDIO_WAKE alone: the fault
@@ -422,7 +417,7 @@ fn reader_child(wfd: i32) -> io::Result<i32> {
     Ok(3)
 }
 
-fn write_byte(fd: i32, b: u8) {
+pub(super) fn write_byte(fd: i32, b: u8) {
     // SAFETY: writes one byte from a local.
     unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
 }
@@ -481,7 +476,7 @@ fn watch_and_kill(pid: i32, rfd: i32) -> TestResult {
 }
 
 /// One byte from the pipe within `timeout`; None on timeout or EOF.
-fn read_byte(fd: i32, timeout: Duration) -> io::Result<Option<u8>> {
+pub(super) fn read_byte(fd: i32, timeout: Duration) -> io::Result<Option<u8>> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,

@@ -463,7 +463,7 @@ fn churn_mremap() -> bool {
 /// Whether the module under test is C's, whose CPU faults on device pages
 /// consume FAIL_ALLOC.
 fn fault_consumes_fail_alloc() -> bool {
-    std::path::Path::new("/sys/module/test_hmm").exists()
+    crate::dmirror::c_module_loaded()
 }
 
 /// What the region of `mm_churn` holds: page `page` is either all zero
