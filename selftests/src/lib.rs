@@ -12,3 +12,4 @@ pub mod ktap;
 pub mod mem;
 pub mod tests;
 pub mod uffd;
+pub mod watchdog;

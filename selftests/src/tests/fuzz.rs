@@ -34,12 +34,11 @@ use super::stress::{parse_number, Rng};
 use crate::dmirror::{errno, errno_name, page_size, result_errno, Dmirror};
 use crate::harness::{self, scaled, Failure, Test, TestResult};
 use crate::mem::{self, Mapping};
+use crate::watchdog::Watchdog;
 use crate::{diag, ensure};
 use hmm_dmirror_uapi::*;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const TESTS: &[Test] = &[
@@ -97,13 +96,15 @@ fn config() -> Result<Config, Failure> {
 
 fn run(thp: bool) -> TestResult {
     let cfg = config()?;
-    let watchdog = Watchdog::start(scaled(Duration::from_secs(20)));
+    let watchdog = Watchdog::start(scaled(Duration::from_secs(20)), |step| {
+        format!("the command of step {step}")
+    })?;
     let files = [Dmirror::open(0)?, Dmirror::open(0)?, Dmirror::open(1)?];
     let mut slowest = (Duration::ZERO, String::new());
     let start = Instant::now();
     for i in 0..cfg.seeds {
         let seed = cfg.first_seed.wrapping_add(i);
-        let mut f = Fuzzer::new(seed, thp, &files, &watchdog)?;
+        let mut f = Fuzzer::new(seed, thp, &files, watchdog)?;
         let r = f.run(cfg.steps);
         if f.slowest.0 > slowest.0 {
             slowest = f.slowest.clone();
@@ -136,61 +137,6 @@ fn run(thp: bool) -> TestResult {
         slowest.1
     );
     Ok(())
-}
-
-/// Fails the case, naming the command, when one has not returned within
-/// its bound. A command stuck in the kernel would otherwise only show as
-/// the whole case timing out, or as nothing at all.
-struct Watchdog {
-    /// Milliseconds since `epoch` when the command in flight began, plus
-    /// one; 0 when none is.
-    since: Arc<AtomicU64>,
-    /// The step whose command is in flight.
-    step: Arc<AtomicU64>,
-    epoch: Instant,
-}
-
-impl Watchdog {
-    fn start(bound: Duration) -> Self {
-        let since = Arc::new(AtomicU64::new(0));
-        let step = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
-        let (s, t) = (since.clone(), step.clone());
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let began = s.load(Ordering::SeqCst);
-            if began == 0 {
-                continue;
-            }
-            let now = epoch.elapsed().as_millis() as u64 + 1;
-            if now.saturating_sub(began) > bound.as_millis() as u64 {
-                let step = t.load(Ordering::SeqCst);
-                harness::send_diag(&format!(
-                    "watchdog: the command of step {step} has not returned after {bound:?}"
-                ));
-                // The main thread may be stuck in the kernel: end the
-                // process from here (the runner reports the diagnostic).
-                // SAFETY: plain syscall; ends the process.
-                unsafe { libc::_exit(3) };
-            }
-        });
-        Watchdog { since, step, epoch }
-    }
-
-    /// Runs `f`, a command of step `step`, under watch; returns its result
-    /// and how long it took.
-    fn time<T>(&self, step: u64, f: impl FnOnce() -> T) -> (T, Duration) {
-        self.step.store(step, Ordering::SeqCst);
-        self.since.store(
-            self.epoch.elapsed().as_millis() as u64 + 1,
-            Ordering::SeqCst,
-        );
-        let t = Instant::now();
-        let r = f();
-        let took = t.elapsed();
-        self.since.store(0, Ordering::SeqCst);
-        (r, took)
-    }
 }
 
 /// What the process may do with a page.
@@ -582,7 +528,7 @@ impl<'a> Fuzzer<'a> {
         let d = &files[file];
         let (r, took) = self
             .watchdog
-            .time(self.step, || d.cmd(op.request(), addr, self.buf.addr(), n));
+            .watch(self.step, || d.cmd(op.request(), addr, self.buf.addr(), n));
         if took > self.slowest.0 {
             self.slowest = (took, format!("{} of {n} pages", op.name()));
         }
@@ -674,7 +620,7 @@ impl<'a> Fuzzer<'a> {
         let addr = self.addr(first);
         let check = || {
             self.watchdog
-                .time(self.step, || {
+                .watch(self.step, || {
                     d.cmd(Op::CheckExclusive.request(), addr, self.buf.addr(), n)
                 })
                 .0

@@ -8,7 +8,10 @@
 //! A case passes if every ioctl that returned gave success or an errno in
 //! the set allowed for its command (listed with each case), nothing
 //! crashed and it ended within its bound. Each prints `# N ioctls` and a
-//! breakdown by command and result.
+//! breakdown by command and result. A command that has not returned after
+//! 30 s (times `DMIRROR_TIMEOUT_SCALE`) fails the case at once, named, with
+//! its task's kernel stack ([`Watchdog`]): a task looping in the kernel
+//! leaves no splat.
 //!
 //! Bounds: each case runs for `DMIRROR_STRESS_SECS` seconds (default 3) or
 //! until `DMIRROR_STRESS_IOCTLS` ioctls were issued, whichever comes first.
@@ -22,15 +25,16 @@ use super::ops::{Op, OPS};
 use super::{prompt, reap};
 use crate::check::{check_each, pattern};
 use crate::dmirror::{errno_name, ioctl_raw, page_size, Dmirror};
-use crate::harness::{describe, Failure, Test, TestResult};
+use crate::harness::{describe, scaled, Failure, Test, TestResult};
 use crate::mem::{self, Guarded, Mapping};
+use crate::watchdog::Watchdog;
 use crate::{diag, ensure, ensure_eq};
 use hmm_dmirror_uapi::{HmmDmirrorCmd, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_RELEASE};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The runner's timeout for a stress case: the case bounds itself, this
@@ -397,13 +401,33 @@ fn tallied_ioctl(
         ..Default::default()
     };
     t.issue();
-    let r = ioctl_raw(
-        fd,
-        op.request() as libc::c_ulong,
-        &mut cmd as *mut _ as usize,
-    );
+    let (r, _) = watchdog().watch(op.nr() as u64, || {
+        ioctl_raw(
+            fd,
+            op.request() as libc::c_ulong,
+            &mut cmd as *mut _ as usize,
+        )
+    });
     t.record(op, &r);
     r
+}
+
+/// How long one stress command may take before the case fails: far above
+/// what any took in a run (TCG, debug kernel), far below the case's own
+/// timeout, so that a command stuck in the kernel is named.
+const COMMAND_BOUND: Duration = Duration::from_secs(30);
+
+/// The watchdog of every [`tallied_ioctl`] of this process and of the
+/// children it forks afterwards (they share its slots).
+fn watchdog() -> &'static Watchdog {
+    static DOG: OnceLock<&'static Watchdog> = OnceLock::new();
+    DOG.get_or_init(|| {
+        Watchdog::start(scaled(COMMAND_BOUND), |nr| {
+            let op = OPS.iter().find(|op| op.nr() as u64 == nr);
+            format!("stress command {}", op.map_or("?", |op| op.name()))
+        })
+        .expect("the watchdog's shared slots")
+    })
 }
 
 /// Allowed errnos while the address space changes under the commands:
