@@ -232,6 +232,11 @@ impl Tally {
         self.slot(STOP).store(1, Ordering::SeqCst);
     }
 
+    /// Clears [`Self::stop`], for another round.
+    pub fn resume(&self) {
+        self.slot(STOP).store(0, Ordering::SeqCst);
+    }
+
     pub fn stopped(&self) -> bool {
         self.slot(STOP).load(Ordering::Relaxed) != 0
     }
@@ -571,13 +576,29 @@ struct Mutations {
     filled: u64,
 }
 
+impl Mutations {
+    fn add(&mut self, o: &Mutations) {
+        self.remap += o.remap;
+        self.mprotect += o.mprotect;
+        self.dontneed += o.dontneed;
+        self.mremap += o.mremap;
+        self.mremap_refused += o.mremap_refused;
+        self.fork += o.fork;
+        self.filled += o.filled;
+    }
+}
+
+/// Rounds of `mm_churn`: the data is checked after each.
+const CHURN_ROUNDS: u32 = 4;
+
 /// Workers issue every command but the unlocked read at random over a
 /// region while a mutator unmaps and maps it back, maps over it, changes
 /// its protection, zaps it with MADV_DONTNEED, fills pages with their
 /// pattern, forks (the child exits at once) and, if asked, moves parts
 /// away and back with mremap (see `churn_mremap`). Allowed: see
 /// `allowed_churn`. Data: every page the device or the CPU reads is zero
-/// or its pattern, during the run and after it, and then the device reads
+/// or its pattern, during the run; and after each of [`CHURN_ROUNDS`]
+/// rounds, once everything stopped, too, and then the device reads
 /// exactly what the CPU does.
 fn mm_churn() -> TestResult {
     let cfg = config()?;
@@ -585,49 +606,59 @@ fn mm_churn() -> TestResult {
     let region = Guarded::rw(CHURN_PAGES)?;
     let scratch = Guarded::rw(CHURN_PAGES)?;
     let tally = Arc::new(Tally::new()?);
-    let budget = Budget::new(&cfg);
     let (base, fd) = (region.addr(), d.raw_fd());
-    let mut workers = Vec::new();
-    for i in 0..CHURN_WORKERS {
-        let mut out = Mapping::rw((CHURN_PAGES + 1) * page_size())?;
-        let t = tally.clone();
-        let mut rng = Rng::new(cfg.seed ^ (i as u64 + 1));
-        workers.push(std::thread::spawn(move || -> TestResult {
-            while budget.more(&t) {
-                if let Err(e) = churn_ioctl(fd, &mut rng, base, out.bytes_mut(), &t) {
-                    t.stop();
-                    return Err(e);
-                }
-            }
-            Ok(())
-        }));
-    }
     let mut rng = Rng::new(cfg.seed);
-    let res = mutate(
-        &mut rng,
-        base,
-        scratch.addr(),
-        &budget,
-        &tally,
-        churn_mremap(),
-    );
-    tally.stop();
-    for w in workers {
-        w.join().map_err(|_| "a worker panicked".to_string())??;
+    let mut m = Mutations::default();
+    for round in 0..CHURN_ROUNDS {
+        tally.resume();
+        let budget = Budget {
+            deadline: Instant::now() + cfg.duration / CHURN_ROUNDS,
+            max: cfg.max_ioctls,
+        };
+        if !budget.more(&tally) {
+            break;
+        }
+        let mut workers = Vec::new();
+        for i in 0..CHURN_WORKERS {
+            let mut out = Mapping::rw((CHURN_PAGES + 1) * page_size())?;
+            let t = tally.clone();
+            let mut rng = Rng::new(cfg.seed ^ (i as u64 + 1) ^ (u64::from(round) << 32));
+            workers.push(std::thread::spawn(move || -> TestResult {
+                while budget.more(&t) {
+                    if let Err(e) = churn_ioctl(fd, &mut rng, base, out.bytes_mut(), &t) {
+                        t.stop();
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            }));
+        }
+        let res = mutate(
+            &mut rng,
+            base,
+            scratch.addr(),
+            &budget,
+            &tally,
+            churn_mremap(),
+        );
+        tally.stop();
+        for w in workers {
+            w.join().map_err(|_| "a worker panicked".to_string())??;
+        }
+        m.add(&res?);
+        churn_settled(&d, base, round)?;
     }
-    let m = res?;
     diag!(
         "mutations: {} mmap over, {} mprotect, {} MADV_DONTNEED, {} mremap there and back ({} refused), {} fork, {} pages filled",
         m.remap, m.mprotect, m.dontneed, m.mremap, m.mremap_refused, m.fork, m.filled
     );
-    report("mm_churn", &tally, allowed_churn)?;
-    churn_settled(&d, base)
+    report("mm_churn", &tally, allowed_churn)
 }
 
-/// After the churn: each page of the region is all zero or all its
-/// pattern (nothing torn: nobody writes any more), and the device reads
-/// exactly what the CPU does.
-fn churn_settled(d: &Dmirror, base: usize) -> TestResult {
+/// After a round of the churn: each page of the region is all zero or all
+/// its pattern (nothing torn: nobody writes any more), and the device
+/// reads exactly what the CPU does. Leaves the region read/write.
+fn churn_settled(d: &Dmirror, base: usize, round: u32) -> TestResult {
     let ps = page_size();
     // Seen once in CI (1 run in ~30): mprotect() of the whole region after
     // the churn failed with ENOMEM, though every step keeps it mapped.
@@ -635,7 +666,7 @@ fn churn_settled(d: &Dmirror, base: usize) -> TestResult {
     // out (and counting) pages that mprotect() still refuses.
     let whole = mem::protect(base, CHURN_PAGES * ps, rw());
     if let Err(e) = &whole {
-        diag!("mprotect of the whole region after the churn: {e}; its maps:");
+        diag!("mprotect of the whole region after round {round}: {e}; its maps:");
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
         for line in maps.lines().filter(|l| {
             l.split('-')
@@ -659,16 +690,20 @@ fn churn_settled(d: &Dmirror, base: usize) -> TestResult {
         if data.iter().any(|&b| b != 0) {
             let mut want = vec![0; ps];
             churn_fill(page, &mut want);
-            check_each(&format!("page {page} after the churn"), data, |i| want[i])?;
+            check_each(&format!("page {page} after round {round}"), data, |i| {
+                want[i]
+            })?;
             filled += 1;
         }
         let c = d.read(addr, out.addr(), 1)?;
         ensure_eq!(c.cpages, 1);
-        check_each(&format!("device read of page {page}"), out.bytes(), |i| {
-            data[i]
-        })?;
+        check_each(
+            &format!("device read of page {page}, round {round}"),
+            out.bytes(),
+            |i| data[i],
+        )?;
     }
-    diag!("after the churn: {filled} pages hold their pattern, the rest zero ({refused} left out)");
+    diag!("after round {round}: {filled} pages hold their pattern, the rest zero ({refused} left out)");
     Ok(())
 }
 
