@@ -91,15 +91,19 @@ impl SystemPageRef<'_> {
 }
 
 /// A new system page, locked, with one reference: the destination of a
-/// migration back to system memory.
+/// migration back to system memory. A page that no copy filled is zeroed
+/// when it becomes a destination: a fresh page holds whatever its last
+/// user left there.
 ///
 /// # Invariants
 ///
 /// `page` is the first page of a system folio of order `order` that we
-/// allocated, locked, with the one reference the allocation gave.
+/// allocated, locked, with the one reference the allocation gave. If
+/// `filled`, every page of the folio was written since.
 pub struct SystemPage {
     page: NonNull<bindings::page>,
     order: u32,
+    filled: bool,
 }
 
 impl SystemPage {
@@ -119,8 +123,32 @@ impl SystemPage {
         // SAFETY: The folio is ours alone (so live); locking it does not
         // block.
         unsafe { bindings::folio_lock(bindings::page_folio(page.as_ptr())) };
-        // INVARIANT: Just allocated and locked.
-        Self { page, order }
+        // INVARIANT: Just allocated and locked; not written yet.
+        Self {
+            page,
+            order,
+            filled: false,
+        }
+    }
+
+    /// Page `i` of the folio, `i` below its page count.
+    fn page_at(&self, i: usize) -> *mut bindings::page {
+        // SAFETY: Page `i` of our own folio, by pfn.
+        unsafe { bindings::pfn_to_page(bindings::page_to_pfn(self.page.as_ptr()) + i as c_ulong) }
+    }
+
+    /// Zeroes the folio unless a copy filled it.
+    fn zero_unless_filled(&mut self) {
+        if self.filled {
+            return;
+        }
+        for i in 0..(1usize << self.order) {
+            // SAFETY: A page of our own folio, which has a kernel mapping
+            // when it is used.
+            unsafe { bindings::clear_highpage(self.page_at(i)) };
+        }
+        // INVARIANT: Every page was just written.
+        self.filled = true;
     }
 
     /// Copies the data of the device folio `src` (as many pages as this
@@ -130,6 +158,8 @@ impl SystemPage {
         for i in 0..(1usize << self.order) {
             self.copy_page_from_device(i, src, i);
         }
+        // INVARIANT: Every page was copied or zeroed.
+        self.filled = true;
     }
 
     /// Copies page `from` of `src`'s folio (counting from `src`) into page
@@ -138,10 +168,7 @@ impl SystemPage {
         if i >= 1usize << self.order {
             return;
         }
-        // SAFETY: Page `i` of our own folio, by pfn.
-        let dst = unsafe {
-            bindings::pfn_to_page(bindings::page_to_pfn(self.page.as_ptr()) + i as c_ulong)
-        };
+        let dst = self.page_at(i);
         let backing = src.backing_after(from);
         if backing.is_null() {
             // SAFETY: `dst` is ours.
@@ -158,6 +185,8 @@ impl SystemPage {
     pub fn alloc_copy_of(src: &DevicePageRef<'_>, i: usize) -> Result<Self> {
         let mut page = Self::alloc()?;
         page.copy_page_from_device(0, src, i);
+        // INVARIANT: Its one page was copied or zeroed.
+        page.filled = true;
         Ok(page)
     }
 
@@ -210,6 +239,7 @@ impl DevicePage {
                 unsafe { bindings::copy_highpage(dst, from) };
             }
         }
+        self.set_filled();
     }
 }
 
@@ -247,6 +277,21 @@ struct Raw<'a> {
 impl Raw<'_> {
     fn len(&self) -> usize {
         self.args.npages
+    }
+
+    /// The source entry that says what the page at `index` is: the
+    /// compound entry at the start of its PMD when setup collected the
+    /// PMD whole (the entries after it are empty, and moving small pages
+    /// there splits what it names), else its own.
+    fn source_of(&self, index: usize) -> usize {
+        let own = self.src[index];
+        let into_pmd = ((self.args.start >> PAGE_SHIFT) + index) % (1usize << FOLIO_ORDER);
+        match index.checked_sub(into_pmd) {
+            Some(head) if head != index && own == 0 && self.src[head] & PFN_COMPOUND != 0 => {
+                self.src[head]
+            }
+            _ => own,
+        }
     }
 
     /// Gives back the destination at `index`, if any, and clears it.
@@ -486,9 +531,10 @@ impl<'a> Collected<'a> {
         self.raw.args.cpages
     }
 
-    /// Whether the page at `index` is mapped writable.
+    /// Whether the page at `index` is mapped writable (for a page of a
+    /// PMD collected whole: whether the PMD is).
     pub fn is_writable(&self, index: usize) -> bool {
-        self.raw.src.get(index).is_some_and(|&e| e & PFN_WRITE != 0)
+        index < self.len() && self.raw.source_of(index) & PFN_WRITE != 0
     }
 
     /// Whether the page at `index` is a whole PMD-sized folio, or hole,
@@ -574,8 +620,10 @@ impl<'a> Collected<'a> {
         }
         // Never more than the CPU will have: the mm core maps the new page
         // as the source was (a hole: as the VMA allows), whatever `dst`
-        // says, and `map_into` mirrors it by the `dst` bit.
-        let src = self.raw.src[index];
+        // says, and `map_into` mirrors it by the `dst` bit. A page of a PMD
+        // collected whole has an empty entry of its own: the PMD's entry
+        // says what it was, read-only included.
+        let src = self.raw.source_of(index);
         // SAFETY: Decoding a `migrate_pfn` entry.
         let hole = unsafe { bindings::migrate_pfn_to_page(src) }.is_null();
         let writable = writable
@@ -584,9 +632,16 @@ impl<'a> Collected<'a> {
             } else {
                 src & PFN_WRITE != 0
             };
+        // Nothing of what the page held before reaches the process.
         let raw = match page {
-            Destination::Device(page) => page.into_raw(),
-            Destination::System(page) => page.into_raw(),
+            Destination::Device(mut page) => {
+                page.zero_unless_filled();
+                page.into_raw()
+            }
+            Destination::System(mut page) => {
+                page.zero_unless_filled();
+                page.into_raw()
+            }
         };
         self.raw.release_destination(index);
         // INVARIANT: `raw` is a page we own (locked, referenced), handed to

@@ -67,7 +67,7 @@ impl Invalidation {
 /// A token from [`Mirror::read_begin`]: the notifier sequence that a
 /// later [`MirrorGuard::has_changed`] compares against, and the mirror it
 /// is for. Checked against another mirror it always reads as changed.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub struct Seq {
     pub(super) value: c_ulong,

@@ -46,6 +46,13 @@
 //! for writing: never call it under an [`MmapReadGuard`]. The types do not
 //! rule these out (a lock held is not a type here); each method says so.
 //!
+//! The mmap lock is not recursive: a second read lock of the same mm by
+//! the task that holds one waits for ever behind a waiting writer. So no
+//! [`MmapReadGuard::lock`], [`MmapReadGuard::lock_killable`],
+//! [`HmmRange::begin`] or [`HmmRange::resume`] while an [`MmapReadGuard`]
+//! of the same mm lives, nor in [`PagemapOps::migrate_to_ram`], which the
+//! mm core calls with the lock held.
+//!
 //! Pages held locked are a lock too: a [`Collected`] or [`Migrated`] holds
 //! its source folios behind migration entries, an [`ExclusivePage`] its
 //! folio behind a device-exclusive entry. While one lives, nothing of the
@@ -53,6 +60,19 @@
 //! migration or [`ExclusivePage::make`]. Each would wait, unkillable, for
 //! the lock the task itself holds. Nor may a user copy run under a
 //! [`MirrorGuard`]: a copy-on-write fault invalidates.
+//!
+//! # Leaks
+//!
+//! Leaking a value with `mem::forget` is safe Rust, and here it costs a
+//! hang, never undefined behaviour, with one exception. A forgotten
+//! [`Collected`], [`Migrated`] or [`ExclusivePage`] keeps its folios
+//! locked behind migration or device-exclusive entries, and a forgotten
+//! [`DevicePage`] keeps its pagemap: whoever touches those pages, or
+//! removes the pagemap, waits for ever. A forgotten [`PoolsRegistration`]
+//! keeps its pagemaps mapped after the module is gone, with ops that
+//! point into its freed text: the same hole as forgetting any
+//! registration of the kernel crate (a `MiscDeviceRegistration`, say),
+//! which the module's own structure, not a type, rules out.
 
 mod exclusive;
 mod migrate;

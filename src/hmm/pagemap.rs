@@ -422,6 +422,7 @@ impl Pagemap {
             // SAFETY: `pfn_to_page` of a mapped pfn is not null.
             page: unsafe { NonNull::new_unchecked(page) },
             order,
+            filled: false,
         })
     }
 
@@ -585,15 +586,19 @@ impl PinnedDrop for Pagemap {
 /// allocation gave.
 ///
 /// Dropping it unlocks it and puts that reference, which frees it. Giving
-/// it to a migration as a destination hands both over.
+/// it to a migration as a destination hands both over; its data is zeroed
+/// then unless a copy filled it, as fresh backing pages hold whatever
+/// their last user left.
 ///
 /// # Invariants
 ///
 /// `page` is the first page of a device folio of order `order` of a live
 /// [`Pagemap`], locked by us, with a reference we own and backing pages.
+/// If `filled`, every backing page was written since the allocation.
 pub struct DevicePage {
     page: NonNull<bindings::page>,
     order: u32,
+    filled: bool,
 }
 
 impl DevicePage {
@@ -623,6 +628,28 @@ impl DevicePage {
         };
         // SAFETY: `pfn_to_page` of a mapped pfn is not null.
         pagemap.backing_of(unsafe { NonNull::new_unchecked(page) })
+    }
+
+    /// Records that a copy wrote every backing page.
+    pub(super) fn set_filled(&mut self) {
+        // INVARIANT: Only called after every backing page was written.
+        self.filled = true;
+    }
+
+    /// Zeroes the backing pages unless a copy filled them.
+    pub(super) fn zero_unless_filled(&mut self) {
+        if self.filled {
+            return;
+        }
+        for i in 0..self.nr_pages() {
+            let backing = self.backing_at(i);
+            if !backing.is_null() {
+                // SAFETY: The backing page is ours while the device page
+                // is; an order-0 page with a kernel mapping when used.
+                unsafe { bindings::clear_highpage(backing) };
+            }
+        }
+        self.set_filled();
     }
 
     /// Gives the folio up, lock and reference included, as a raw pointer.

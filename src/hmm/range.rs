@@ -68,6 +68,12 @@ pub struct HmmRange<'m, const N: usize> {
     /// Pages at the front of the window already faulted under `seq`: an
     /// attempt resumed after a lock drop starts after them.
     done: usize,
+    /// The sequence of the last fault, if it dropped the mmap lock: the
+    /// entries it wrote before the drop are that fault's output, which
+    /// [`resume`](Self::resume) keeps. Cleared by anything that starts
+    /// another fault or attempt: only right after the drop do the entries
+    /// say where it stopped.
+    dropped: Option<Seq>,
 }
 
 impl<'m, const N: usize> HmmRange<'m, N> {
@@ -87,6 +93,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
             pfns: [0; N],
             page_requests: None,
             done: 0,
+            dropped: None,
         }
     }
 
@@ -108,6 +115,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         self.filled = None;
         self.page_requests = None;
         self.done = 0;
+        self.dropped = None;
         Ok(())
     }
 
@@ -143,20 +151,26 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         self.seq = Some(self.mirror.read_begin());
         self.filled = None;
         self.done = 0;
+        self.dropped = None;
         MmapReadGuard::lock_killable(mm)
     }
 
-    /// Continues an attempt whose fault dropped the mmap lock: unless an
-    /// invalidation hit the mirror since [`begin`](Self::begin), takes the
-    /// lock again and keeps the sequence and the pages faulted so far, so
-    /// that the next [`fault_unlockable`](Self::fault_unlockable) starts at
-    /// the page that dropped the lock. Returns `None` when the attempt must
-    /// start over with `begin`.
+    /// Continues an attempt whose last fault dropped the mmap lock: unless
+    /// an invalidation hit the mirror since [`begin`](Self::begin), takes
+    /// the lock again and keeps the sequence and the pages faulted so far,
+    /// so that the next [`fault_unlockable`](Self::fault_unlockable) starts
+    /// at the page that dropped the lock. Returns `None` when the attempt
+    /// must start over with `begin`, and whenever the last thing done with
+    /// the range was not a fault that dropped the lock: entries left by an
+    /// earlier attempt or window are not this sequence's output.
     ///
     /// The pages kept are checked with the rest by
     /// [`lock_if_valid`](Self::lock_if_valid), against the same sequence.
     pub fn resume<'a>(&mut self, mm: &'a MmWithUser) -> Option<Result<MmapReadGuard<'a>>> {
         let seq = self.seq?;
+        if self.dropped != Some(seq) {
+            return None;
+        }
         // Only a faulting request leaves every output entry valid, which is
         // how the first unfaulted page is found; per-page requests reuse the
         // same bits as input.
@@ -187,6 +201,7 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         let seq = self.seq.ok_or(EINVAL)?;
         // The entries are about to be rewritten, maybe in part.
         self.filled = None;
+        self.dropped = None;
         if self.start + self.done * PAGE_SIZE >= self.end || !self.mirror.mirrors(lock.mm()) {
             return Err(EINVAL);
         }
@@ -264,6 +279,9 @@ impl<'m, const N: usize> HmmRange<'m, N> {
         } else {
             // The fault handler released the lock; it must not be released twice.
             lock.forget_released();
+            // The entries up to the page that dropped it are this fault's
+            // output, under `seq`: `resume` may keep them.
+            self.dropped = self.seq;
             (to_result(ret), None)
         }
     }
