@@ -483,12 +483,6 @@ fn allowed_churn_rust(op: Op) -> &'static [i32] {
     }
 }
 
-/// Whether `mm_churn` moves parts of its region away and back with
-/// mremap (`DMIRROR_CHURN_MREMAP=1`; see the mutator).
-fn churn_mremap() -> bool {
-    std::env::var("DMIRROR_CHURN_MREMAP").is_ok_and(|v| v == "1")
-}
-
 /// Whether the module under test is C's, whose CPU faults on device pages
 /// consume FAIL_ALLOC.
 fn fault_consumes_fail_alloc() -> bool {
@@ -594,8 +588,8 @@ const CHURN_ROUNDS: u32 = 4;
 /// Workers issue every command but the unlocked read at random over a
 /// region while a mutator unmaps and maps it back, maps over it, changes
 /// its protection, zaps it with MADV_DONTNEED, fills pages with their
-/// pattern, forks (the child exits at once) and, if asked, moves parts
-/// away and back with mremap (see `churn_mremap`). Allowed: see
+/// pattern, forks (the child exits at once) and moves parts away and back
+/// with mremap. Allowed: see
 /// `allowed_churn`. Data: every page the device or the CPU reads is zero
 /// or its pattern, during the run; and after each of [`CHURN_ROUNDS`]
 /// rounds, once everything stopped, too, and then the device reads
@@ -633,14 +627,7 @@ fn mm_churn() -> TestResult {
                 Ok(())
             }));
         }
-        let res = mutate(
-            &mut rng,
-            base,
-            scratch.addr(),
-            &budget,
-            &tally,
-            churn_mremap(),
-        );
+        let res = mutate(&mut rng, base, scratch.addr(), &budget, &tally);
         tally.stop();
         for w in workers {
             w.join().map_err(|_| "a worker panicked".to_string())??;
@@ -712,13 +699,24 @@ fn rw() -> i32 {
 }
 
 pub(super) fn mremap_to(from: usize, len: usize, to: usize) -> io::Result<()> {
+    mremap_flags(from, len, to, 0)
+}
+
+/// Moves the pages of `[from, from + len)` onto `to`, leaving `from`
+/// mapped, empty (`MREMAP_DONTUNMAP`): neither range is ever a hole that
+/// another thread's mmap() could take meanwhile.
+fn mremap_leaving_mapped(from: usize, len: usize, to: usize) -> io::Result<()> {
+    mremap_flags(from, len, to, libc::MREMAP_DONTUNMAP)
+}
+
+fn mremap_flags(from: usize, len: usize, to: usize, flags: i32) -> io::Result<()> {
     // SAFETY: moves our own pages onto our own range.
     let p = unsafe {
         libc::mremap(
             from as *mut _,
             len,
             len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | flags,
             to as *mut libc::c_void,
         )
     };
@@ -737,7 +735,6 @@ fn mutate(
     scratch: usize,
     budget: &Budget,
     t: &Tally,
-    mremap: bool,
 ) -> Result<Mutations, Failure> {
     let ps = page_size();
     let mut m = Mutations::default();
@@ -779,29 +776,28 @@ fn mutate(
                 m.dontneed += 1;
             }
             5 => {
-                // A range across VMAs (mprotect splits them) may be
-                // refused, or moved in part only (7.3 moves several VMAs
-                // at once and may stop after some): map the range afresh
-                // then, which keeps the region whole (zeros are allowed).
-                // Opt-in: with it, about one run in eight (seeds 1-8,
-                // 1 s each, both modules) found a page holding the pattern
-                // of the page 3 or 6 before it after the churn; without
-                // it, none. Not explained yet (the kernel's multi-VMA
-                // mremap, or this test): DMIRROR_CHURN_MREMAP=1 brings it
-                // back for that investigation.
-                if !mremap {
-                    continue;
-                }
+                // There and back, with MREMAP_DONTUNMAP: a plain move
+                // leaves the range a hole until it comes back, where
+                // another thread's mmap() can land (most likely a starting
+                // worker's 3-page sigaltstack: a failing run showed a
+                // 3-page hole in the region and a 3-page mapping near it).
+                // The move back unmaps it, and its owner's munmap() later
+                // cuts a hole into the region: pages then held other
+                // pages' data, mprotect() failed with ENOMEM, the test
+                // process crashed, all without one dmirror command. A range
+                // across VMAs (mprotect splits them) may be refused: map it
+                // afresh then, which keeps the region whole (zeros are
+                // allowed).
                 let to = scratch + first * ps;
-                if mremap_to(addr, len, to).is_err() {
+                if mremap_leaving_mapped(addr, len, to).is_err() {
                     mem::map_anon_at(addr, len, libc::MAP_FIXED)
                         .map_err(|e| lost("mmap over a refused mremap", e))?;
                     m.mremap_refused += 1;
                     continue;
                 }
-                mremap_to(to, len, addr).map_err(|e| lost("mremap back", e))?;
-                mem::map_anon_at(to, len, libc::MAP_FIXED)
-                    .map_err(|e| lost("refilling the scratch area", e))?;
+                // Replaces the emptied range in one step; the scratch
+                // area stays mapped, empty.
+                mremap_leaving_mapped(to, len, addr).map_err(|e| lost("mremap back", e))?;
                 m.mremap += 1;
             }
             6 => {
@@ -1572,15 +1568,7 @@ mod tests {
             max_ioctls: u64::MAX,
             seed: 0,
         });
-        let m = mutate(
-            &mut Rng::new(5),
-            region.addr(),
-            scratch.addr(),
-            &b,
-            &t,
-            true,
-        )
-        .unwrap();
+        let m = mutate(&mut Rng::new(5), region.addr(), scratch.addr(), &b, &t).unwrap();
         assert!(m.remap > 0 && m.mprotect > 0 && m.fork > 0, "{m:?}");
         assert!(m.mremap + m.mremap_refused > 0, "{m:?}");
         mem::protect(region.addr(), region.len(), rw()).unwrap();
