@@ -45,6 +45,15 @@ fn monotonic_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
+/// Whether task `tid` still runs: it exists and is not a zombie.
+fn task_alive(tid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which may hold ") ".
+        let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
+    })
+}
+
 impl Watchdog {
     /// Starts a thread that ends the process with status 3 once a command
     /// watched by [`Self::watch`] has been in flight for longer than
@@ -83,6 +92,15 @@ impl Watchdog {
                     continue;
                 }
                 let tid = slot.tid.load(Ordering::SeqCst);
+                if !task_alive(tid) {
+                    // A child that exited (or was killed) in the middle of
+                    // a command, as the stress cases make them: nothing is
+                    // stuck, the slot is just never given back.
+                    let _ =
+                        slot.began
+                            .compare_exchange(began, 0, Ordering::SeqCst, Ordering::SeqCst);
+                    continue;
+                }
                 harness::send_diag(&format!(
                     "watchdog: {} (task {tid}) has not returned after {:?}",
                     describe(slot.what.load(Ordering::SeqCst)),
@@ -148,6 +166,34 @@ mod tests {
             .slots
             .iter()
             .all(|s| s.began.load(Ordering::SeqCst) == 0));
+    }
+
+    /// A child that exits in the middle of a watched command leaves its
+    /// slot taken; that is not a hang.
+    #[test]
+    fn a_command_whose_task_exited_is_not_a_hang() {
+        // SAFETY: the child only runs the code below and _exit()s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let dog = Watchdog::start(Duration::from_millis(300), |w| w.to_string()).unwrap();
+            // SAFETY: as above, the grandchild exits inside the command.
+            let gone = unsafe { libc::fork() };
+            if gone == 0 {
+                // SAFETY: plain syscall, in the middle of the command.
+                dog.watch(1, || unsafe { libc::_exit(0) });
+            }
+            let mut status = 0;
+            // SAFETY: reaps the grandchild.
+            unsafe { libc::waitpid(gone, &mut status, 0) };
+            std::thread::sleep(Duration::from_millis(1500));
+            // SAFETY: plain syscall.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
     }
 
     /// A command of a child forked after the start that outlives the
