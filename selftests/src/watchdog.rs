@@ -168,16 +168,30 @@ mod tests {
             .all(|s| s.began.load(Ordering::SeqCst) == 0));
     }
 
+    /// Runs `child` in a forked process, which ends with status 0 when
+    /// `child` returns; returns the wait status.
+    fn wait_status_of(child: impl FnOnce()) -> i32 {
+        // SAFETY: the child only runs `child` and _exit()s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            child();
+            // SAFETY: plain syscall.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
     /// A child that exits in the middle of a watched command leaves its
     /// slot taken; that is not a hang.
     #[test]
     fn a_command_whose_task_exited_is_not_a_hang() {
-        // SAFETY: the child only runs the code below and _exit()s.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
+        let status = wait_status_of(|| {
             let dog = Watchdog::start(Duration::from_millis(300), |w| w.to_string()).unwrap();
-            // SAFETY: as above, the grandchild exits inside the command.
+            // SAFETY: the grandchild exits inside the command.
             let gone = unsafe { libc::fork() };
             if gone == 0 {
                 // SAFETY: plain syscall, in the middle of the command.
@@ -187,12 +201,7 @@ mod tests {
             // SAFETY: reaps the grandchild.
             unsafe { libc::waitpid(gone, &mut status, 0) };
             std::thread::sleep(Duration::from_millis(1500));
-            // SAFETY: plain syscall.
-            unsafe { libc::_exit(0) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for the child forked above.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
     }
 
@@ -200,12 +209,10 @@ mod tests {
     /// bound ends the process that started the watchdog, with status 3.
     #[test]
     fn a_stuck_command_of_a_forked_child_ends_the_process() {
-        // SAFETY: the child only runs the code below and _exit()s.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
+        let start = std::time::Instant::now();
+        let status = wait_status_of(|| {
             let dog = Watchdog::start(Duration::from_millis(300), |w| w.to_string()).unwrap();
-            // SAFETY: as above, the grandchild only sleeps under watch.
+            // SAFETY: the grandchild only sleeps under watch.
             let stuck = unsafe { libc::fork() };
             if stuck == 0 {
                 // SAFETY: plain syscall; the grandchild goes with its parent.
@@ -216,15 +223,8 @@ mod tests {
             }
             std::thread::sleep(Duration::from_secs(10));
             // SAFETY: the grandchild outlived the bound and was not seen.
-            unsafe {
-                libc::kill(stuck, libc::SIGKILL);
-                libc::_exit(0)
-            };
-        }
-        let start = std::time::Instant::now();
-        let mut status = 0;
-        // SAFETY: waits for the child forked above.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            unsafe { libc::kill(stuck, libc::SIGKILL) };
+        });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3);
         assert!(start.elapsed() < Duration::from_secs(5));
     }
