@@ -647,10 +647,11 @@ fn mm_churn() -> TestResult {
 /// reads exactly what the CPU does. Leaves the region read/write.
 fn churn_settled(d: &Dmirror, base: usize, round: u32) -> TestResult {
     let ps = page_size();
-    // Seen once in CI (1 run in ~30): mprotect() of the whole region after
-    // the churn failed with ENOMEM, though every step keeps it mapped.
-    // Not understood yet: print the maps, and check page by page, leaving
-    // out (and counting) pages that mprotect() still refuses.
+    // Seen once in CI (1 run in ~30), when the mutator still moved with a
+    // plain mremap: mprotect() of the whole region failed with ENOMEM,
+    // most likely the hole that step left (see `mutate`). Should it come
+    // back: print the maps, and check page by page, leaving out (and
+    // counting) pages that mprotect() still refuses.
     let whole = mem::protect(base, CHURN_PAGES * ps, rw());
     if let Err(e) = &whole {
         diag!("mprotect of the whole region after round {round}: {e}; its maps:");
