@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Migration between system memory and device-private memory
+//! Migration between system memory and device memory
 //! (`migrate_vma_*`, `migrate_device_*`).
 //!
 //! C header: [`include/linux/migrate.h`](srctree/include/linux/migrate.h).
@@ -53,8 +53,11 @@ pub const MAX_MIGRATE_PAGES: usize = 1024;
 enum Select {
     /// System memory, and holes (to migrate to the device).
     System,
-    /// Device-private pages of the migration's owner (to migrate back).
+    /// Device-private pages of the migration's owner (a CPU fault).
     DevicePrivate,
+    /// Device-private and device-coherent pages of the migration's owner
+    /// (to migrate back).
+    Device,
 }
 
 /// What is at one page of a [`Collected`] migration.
@@ -65,7 +68,7 @@ pub enum Source<'a> {
     Empty,
     /// A system page.
     System(SystemPageRef<'a>),
-    /// A device-private page of a [`Pagemap`].
+    /// A device page of a [`Pagemap`], private or coherent.
     Device(DevicePageRef<'a>),
 }
 
@@ -174,8 +177,9 @@ impl SystemPage {
             // SAFETY: `dst` is ours.
             unsafe { bindings::clear_highpage(dst) };
         } else {
-            // SAFETY: `dst` is ours; the backing page is valid while `src`
-            // is borrowed.
+            // SAFETY: `dst` is ours; the page holding `src`'s data (a
+            // backing page, or the coherent page itself, in the direct map)
+            // is valid while `src` is borrowed.
             unsafe { bindings::copy_highpage(dst, backing) };
         }
     }
@@ -230,12 +234,14 @@ impl DevicePage {
                 src.subpage(offset.saturating_add(i))
             });
             if from.is_null() {
-                // SAFETY: The backing page is ours while the device page is.
+                // SAFETY: `dst`, a backing page or a page of the coherent
+                // folio, is ours while the device folio is.
                 unsafe { bindings::clear_highpage(dst) };
             } else {
-                // SAFETY: `dst`, the backing page, is ours while the
-                // device page is; `from` is referenced while `src` is
-                // borrowed. Both are order-0 pages with a kernel mapping.
+                // SAFETY: `dst`, a backing page or a page of the coherent
+                // folio, is ours while the device folio is; `from` is
+                // referenced while `src` is borrowed. Both have a kernel
+                // mapping (coherent memory is in the direct map).
                 unsafe { bindings::copy_highpage(dst, from) };
             }
         }
@@ -390,7 +396,8 @@ impl Migration {
     }
 
     /// Sets up the migration of `[start, end)` back to system memory: the
-    /// device-private pages of `owner` in the range, as in
+    /// device-private and device-coherent pages of `owner` in the range
+    /// (a coherent THP that a PMD maps only with patch 0016), as in
     /// [`to_device`](Self::to_device).
     pub fn to_system<'a>(
         lock: &'a MmapReadGuard<'_>,
@@ -408,7 +415,7 @@ impl Migration {
                 vma.as_ptr(),
                 start,
                 end,
-                Select::DevicePrivate,
+                Select::Device,
                 compound,
                 owner,
                 core::ptr::null_mut(),
@@ -472,6 +479,10 @@ impl Migration {
             Select::System => bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_SYSTEM,
             Select::DevicePrivate => {
                 bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+            }
+            Select::Device => {
+                bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+                    | bindings::migrate_vma_direction_MIGRATE_VMA_SELECT_DEVICE_COHERENT
             }
         };
         if compound {
@@ -681,13 +692,20 @@ impl Migrated<'_> {
     }
 
     /// Pages that were present and moved (C's
-    /// `dmirror_successful_migrated_pages`).
+    /// `dmirror_successful_migrated_pages`, which counts a large folio
+    /// that moved whole as one page).
     pub fn moved_present(&self) -> usize {
+        let len = self.raw.len();
         self.raw
             .src
             .iter()
-            .filter(|&&e| e & PFN_VALID != 0 && e & PFN_MIGRATE != 0)
-            .count()
+            .enumerate()
+            .filter(|(_, &e)| e & PFN_VALID != 0 && e & PFN_MIGRATE != 0)
+            .map(|(index, &e)| match e & PFN_COMPOUND {
+                0 => 1,
+                _ => (1usize << FOLIO_ORDER).min(len - index),
+            })
+            .sum()
     }
 
     /// Maps the device pages that this migration to the device moved into

@@ -16,8 +16,10 @@
 //! - [`MmapReadGuard`]: the mmap read lock, as a value that the lock-drop
 //!   path ([`HmmRange::fault_unlockable`]) consumes and gives back only if
 //!   the lock is still held.
-//! - [`Pagemap`] and [`DevicePool`]: device-private memory, simulated with
-//!   a system page behind every device page; [`PagemapOps`] is what the
+//! - [`Pagemap`] and [`DevicePool`]: device memory. Device-private memory
+//!   is simulated with a system page behind every device page;
+//!   device-coherent memory is a fixed range of soft-reserved memory that
+//!   the CPU maps. [`PagemapOps`] is what the
 //!   device does on CPU faults (`migrate_to_ram`) and frees. A
 //!   [`PoolAllocator`] hands out pages with the pools' lock held.
 //! - [`Migration`]: `migrate_vma_*`, its setup → pages → finalize order
@@ -92,8 +94,8 @@ pub use mirror::{Mirror, MirrorGuard, Seq};
 pub use mmap_lock::MmapReadGuard;
 pub use page_table::{DevicePageTable, MirroredAccess};
 pub use pagemap::{
-    CpuFault, DevicePage, DevicePageRef, FaultError, Pagemap, PagemapOps, CHUNK_SIZE, FOLIO_ORDER,
-    FOLIO_PAGES,
+    CpuFault, DevicePage, DevicePageRef, FaultError, MemoryKind, Pagemap, PagemapOps, CHUNK_SIZE,
+    FOLIO_ORDER, FOLIO_PAGES,
 };
 pub use pool::{DevicePool, PoolAllocator, PoolsRegistration, MAX_POOLS};
 pub use range::{

@@ -1,20 +1,30 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Device-private memory: a `dev_pagemap` of `MEMORY_DEVICE_PRIVATE` pages
-//! and the pages it hands out.
+//! Device memory: a `dev_pagemap` of `MEMORY_DEVICE_PRIVATE` or
+//! `MEMORY_DEVICE_COHERENT` pages and the pages it hands out.
 //!
 //! C header: [`include/linux/memremap.h`](srctree/include/linux/memremap.h).
 //!
-//! A [`Pagemap`] is one chunk of device memory: a free physical address
-//! range from `request_free_mem_region()`, given `struct page`s by
-//! `memremap_pages()`. The CPU cannot reach device-private memory; a
-//! device keeps the data. This abstraction simulates that device memory
-//! the way `lib/test_hmm.c` does: every allocated device page owns a
-//! system page, its *backing* page, that holds its data. The pagemap keeps
-//! the backing page of each of its pages in an array indexed by page, so
-//! that a large (PMD-sized) device folio that the mm splits needs nothing
-//! from the device: each piece keeps its backing pages. They are freed with
-//! the device page (`folio_free`).
+//! A [`Pagemap`] is one chunk of device memory, given `struct page`s by
+//! `memremap_pages()`:
+//!
+//! - **Device-private** ([`MemoryKind::Private`]): a free physical address
+//!   range from `request_free_mem_region()`. The CPU cannot reach it; a
+//!   device keeps the data. This abstraction simulates that device memory
+//!   the way `lib/test_hmm.c` does: every allocated device page owns a
+//!   system page, its *backing* page, that holds its data. The pagemap
+//!   keeps the backing page of each of its pages in an array indexed by
+//!   page, so that a large (PMD-sized) device folio that the mm splits
+//!   needs nothing from the device: each piece keeps its backing pages.
+//!   They are freed with the device page (`folio_free`).
+//! - **Device-coherent** ([`MemoryKind::Coherent`]): a fixed range of
+//!   soft-reserved memory (`memmap=...%...-1+0xefffffff`, or special
+//!   purpose memory from the firmware) that the CPU maps like system
+//!   memory. A page's data is the page itself. It is mapped once and
+//!   serves both sizes: a large folio takes a wholly free, aligned group
+//!   of pages; a small page any free page, from a group already broken
+//!   up first. Freed pages, whole folios or the pieces of a split one,
+//!   coalesce.
 //!
 //! Several pagemaps may share one [`Owner`], which identifies them to
 //! `hmm_range_fault()` and to migrations.
@@ -30,7 +40,7 @@ use kernel::{
     c_str,
     ffi::c_ulong,
     new_spinlock,
-    page::PAGE_SHIFT,
+    page::{PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
     sync::{Arc, SpinLock},
     types::Opaque, //
@@ -52,10 +62,21 @@ pub(super) const GFP_HIGHUSER: bindings::gfp_t =
 pub(super) const GFP_HIGHUSER_MOVABLE: bindings::gfp_t =
     GFP_HIGHUSER | (1 << bindings::___GFP_MOVABLE_BIT);
 
+/// The kind of memory a [`Pagemap`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// `MEMORY_DEVICE_PRIVATE`: only the device reaches it; simulated with
+    /// a backing page per device page.
+    Private,
+    /// `MEMORY_DEVICE_COHERENT`: the CPU maps it as it maps system memory.
+    Coherent,
+}
+
 /// What a device does for the pages of its [`Pagemap`]s
 /// (`struct dev_pagemap_ops`).
 pub trait PagemapOps: Send + Sync {
-    /// The CPU touched a device-private page of `pagemap` (`migrate_to_ram`):
+    /// The CPU touched a device-private page of `pagemap` (`migrate_to_ram`;
+    /// never called for coherent pages, which the CPU maps):
     /// migrate it back to system memory, for example with
     /// [`Migration::setup_fault`](super::Migration::setup_fault). The fault
     /// is retried when this returns: an `Ok` that left the page where it
@@ -119,16 +140,7 @@ impl CpuFault<'_> {
 
 /// The free pages of a pagemap, and whether it is going away.
 struct FreeList {
-    /// Indices of free pages for small allocations. Its capacity is the
-    /// pagemap's page count, so pushing back a freed page never allocates.
-    small: KVVec<u32>,
-    /// Free aligned groups of [`FOLIO_PAGES`] pages, by group number, for
-    /// large allocations (capacity: every group). As in C, a pagemap is
-    /// made for one size: a group is never broken up for small pages,
-    /// whose `struct page`s could still say they are the tail of a large
-    /// folio. The pieces of a large folio that the mm split (which cleans
-    /// them up) come back as small pages.
-    large: KVVec<u32>,
+    pages: FreePages,
     /// Pages handed out and not freed yet.
     allocated: usize,
     /// Set before the pagemap is removed: no more allocations, and freed
@@ -136,12 +148,145 @@ struct FreeList {
     removing: bool,
 }
 
-/// A physical address range reserved with `request_free_mem_region()`.
+/// Which pages of a pagemap are free.
+enum FreePages {
+    /// A device-private pagemap made for one size, as in C. Its `struct
+    /// page`s need not be reinitialized across sizes: a group is never
+    /// broken up for small pages. The pieces of a large folio that the mm
+    /// split come back as small pages.
+    Sized {
+        /// Indices of free pages for small allocations. Its capacity is the
+        /// pagemap's page count, so pushing back a freed page never
+        /// allocates.
+        small: KVVec<u32>,
+        /// Free aligned groups of [`FOLIO_PAGES`] pages, by group number,
+        /// for large allocations (capacity: every group).
+        large: KVVec<u32>,
+    },
+    /// A pagemap that serves both sizes from every page (coherent memory).
+    Any(FreeMap),
+}
+
+impl FreePages {
+    /// A free page (`order` 0) or aligned group (`FOLIO_ORDER`), taken off
+    /// the list: the index of its first page.
+    fn take(&mut self, order: u32) -> Option<usize> {
+        match self {
+            FreePages::Sized { small, large } => match order {
+                0 => small.pop().map(|index| index as usize),
+                _ => large.pop().map(|group| group as usize * FOLIO_PAGES),
+            },
+            FreePages::Any(map) => map.take(order),
+        }
+    }
+
+    /// Puts the `1 << order` pages from `index` back, never allocating:
+    /// a whole group as a group, anything else page by page.
+    fn give_back(&mut self, index: usize, order: u32) {
+        let nr = 1usize << order;
+        match self {
+            FreePages::Sized { small, large } => {
+                // The capacities cover every page and group.
+                if order == FOLIO_ORDER && index % FOLIO_PAGES == 0 {
+                    let _ = large.push_within_capacity((index / FOLIO_PAGES) as u32);
+                } else {
+                    for i in index..index + nr {
+                        let _ = small.push_within_capacity(i as u32);
+                    }
+                }
+            }
+            FreePages::Any(map) => map.give_back(index, nr),
+        }
+    }
+
+    /// Forgets every free page: the pagemap is going away.
+    fn clear(&mut self) {
+        match self {
+            FreePages::Sized { small, large } => {
+                small.clear();
+                large.clear();
+            }
+            FreePages::Any(map) => map.clear(),
+        }
+    }
+}
+
+/// One bit per page, set while the page is free, and the number of free
+/// pages in each aligned group of [`FOLIO_PAGES`].
+struct FreeMap {
+    bits: KVVec<u64>,
+    group_free: KVVec<u16>,
+}
+
+/// Words of [`FreeMap::bits`] per group.
+const GROUP_WORDS: usize = FOLIO_PAGES / 64;
+
+impl FreeMap {
+    /// `pages` pages, a multiple of [`FOLIO_PAGES`], all free.
+    fn all_free(pages: usize) -> Result<Self> {
+        let groups = pages / FOLIO_PAGES;
+        let mut bits = KVVec::with_capacity(groups * GROUP_WORDS, GFP_KERNEL)?;
+        bits.resize(groups * GROUP_WORDS, u64::MAX, GFP_KERNEL)?;
+        let mut group_free = KVVec::with_capacity(groups, GFP_KERNEL)?;
+        group_free.resize(groups, FOLIO_PAGES as u16, GFP_KERNEL)?;
+        Ok(Self { bits, group_free })
+    }
+
+    fn take(&mut self, order: u32) -> Option<usize> {
+        let whole = FOLIO_PAGES as u16;
+        if order > 0 {
+            // A wholly free group, the lowest.
+            let group = self.group_free.iter().position(|&n| n == whole)?;
+            self.group_free[group] = 0;
+            self.bits[group * GROUP_WORDS..(group + 1) * GROUP_WORDS].fill(0);
+            return Some(group * FOLIO_PAGES);
+        }
+        // A group already broken up first, so that whole ones stay for
+        // large folios.
+        let group = self
+            .group_free
+            .iter()
+            .position(|&n| n != 0 && n != whole)
+            .or_else(|| self.group_free.iter().position(|&n| n != 0))?;
+        let first = group * GROUP_WORDS;
+        let (word, bits) = self.bits[first..first + GROUP_WORDS]
+            .iter()
+            .enumerate()
+            .find(|(_, &bits)| bits != 0)?;
+        let bit = bits.trailing_zeros() as usize;
+        self.bits[first + word] &= !(1u64 << bit);
+        self.group_free[group] -= 1;
+        Some((first + word) * 64 + bit)
+    }
+
+    fn give_back(&mut self, index: usize, nr: usize) {
+        for page in index..index + nr {
+            let (word, bit) = (page / 64, 1u64 << (page % 64));
+            match self.bits.get_mut(word) {
+                // A page given back twice is counted once.
+                Some(bits) if *bits & bit == 0 => {
+                    *bits |= bit;
+                    self.group_free[page / FOLIO_PAGES] += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.bits.fill(0);
+        self.group_free.fill(0);
+    }
+}
+
+/// A physical address range reserved in `iomem_resource`: free address
+/// space for device-private memory, or soft-reserved memory for
+/// device-coherent memory.
 ///
 /// # Invariants
 ///
 /// `[start, start + size)` is a region of `iomem_resource` that this value
-/// reserved and releases on drop.
+/// reserved (busy) and releases on drop.
 struct MemRegion {
     start: u64,
     size: u64,
@@ -171,6 +316,43 @@ impl MemRegion {
             size: end - start + 1,
         })
     }
+
+    /// Claims `[start, start + size)`, which must be soft-reserved memory
+    /// (`EINVAL` otherwise) that nobody claimed (`EBUSY`). The claim is
+    /// what keeps a second pagemap off the range: `memremap_pages()` WARNs
+    /// on a range that has one already.
+    fn claim_soft_reserved(start: u64, size: usize) -> Result<Self> {
+        // Aligned for large folios; the soft-reserved range bounds it.
+        if start % (PAGE_SIZE << FOLIO_ORDER) as u64 != 0
+            || start.checked_add(size as u64).is_none()
+        {
+            return Err(EINVAL);
+        }
+        // SAFETY: Reads the soft-reserved resource tree, under its lock.
+        let reserved = unsafe { bindings::region_intersects_soft_reserve(start, size) };
+        if reserved != bindings::REGION_INTERSECTS as i32 {
+            return Err(EINVAL);
+        }
+        // SAFETY: `iomem_resource` is the static root of the I/O memory
+        // resource tree; the request takes its lock. The name is static.
+        let res = unsafe {
+            bindings::__request_region(
+                core::ptr::addr_of_mut!(bindings::iomem_resource),
+                start,
+                size as u64,
+                c_str!("hmm_dmirror").as_char_ptr(),
+                0,
+            )
+        };
+        if res.is_null() {
+            return Err(EBUSY);
+        }
+        // INVARIANT: The region was just reserved, busy.
+        Ok(Self {
+            start,
+            size: size as u64,
+        })
+    }
 }
 
 impl Drop for MemRegion {
@@ -195,20 +377,23 @@ static PAGEMAP_OPS: bindings::dev_pagemap_ops = bindings::dev_pagemap_ops {
     folio_split: None,
 };
 
-/// One chunk of device-private memory: a `dev_pagemap` over
-/// [`CHUNK_SIZE`] bytes of free physical address space, with a free list.
+/// One chunk of device memory: a `dev_pagemap` over [`CHUNK_SIZE`] bytes
+/// of physical address space, with a free list.
 ///
 /// # Invariants
 ///
-/// - `pgmap` is mapped with `memremap_pages()` (type `MEMORY_DEVICE_PRIVATE`,
-///   ops [`PAGEMAP_OPS`], owner `owner`, the single range of `region`) from
+/// - `pgmap` is mapped with `memremap_pages()` (the type of `kind`, ops
+///   [`PAGEMAP_OPS`], owner `owner`, the single range of `region`) from
 ///   initialization until drop.
-/// - `backing[i]` is the backing page of page `i` while it is allocated:
-///   a system page (order 0) that the device page owns; null while free.
-/// - Every index in `free.small`, and every page of the groups in
-///   `free.large`, is a page with refcount zero, listed at most once.
+/// - Private memory: `backing[i]` is the backing page of page `i` while
+///   it is allocated: a system page (order 0) that the device page owns;
+///   null while free. Coherent memory: `backing` is empty; a page holds
+///   its own data.
+/// - Every page that `free.pages` lists as free has refcount zero, and is
+///   listed at most once.
 #[pin_data(PinnedDrop)]
 pub struct Pagemap {
+    kind: MemoryKind,
     ops: &'static dyn PagemapOps,
     owner: Owner,
     first_pfn: usize,
@@ -233,14 +418,13 @@ impl Pagemap {
     /// maps device-private pages over it, owned by `owner`. Faults on them
     /// go to `ops`. Its pages are for large folios if `large_folios`, else for
     /// small pages.
-    pub(super) fn new(
+    pub(super) fn new_private(
         owner: Owner,
         ops: &'static dyn PagemapOps,
         large_folios: bool,
     ) -> Result<Arc<Self>> {
         let region = MemRegion::request(CHUNK_SIZE)?;
-        let (start, size) = (region.start, region.size);
-        if size as usize != CHUNK_SIZE {
+        if region.size as usize != CHUNK_SIZE {
             return Err(ENOMEM);
         }
         let mut small = KVVec::with_capacity(CHUNK_PAGES, GFP_KERNEL)?;
@@ -259,16 +443,56 @@ impl Pagemap {
         for _ in 0..CHUNK_PAGES {
             backing.push(AtomicPtr::new(core::ptr::null_mut()), GFP_KERNEL)?;
         }
+        Self::map(
+            MemoryKind::Private,
+            region,
+            FreePages::Sized { small, large },
+            backing,
+            owner,
+            ops,
+        )
+    }
+
+    /// Maps device-coherent pages over the [`CHUNK_SIZE`] bytes of
+    /// soft-reserved memory at physical address `start`, owned by `owner`,
+    /// for pages of both sizes. `EINVAL` unless the range is soft-reserved
+    /// memory and `start` is aligned for a large folio; `EBUSY` if it is
+    /// claimed already.
+    pub(super) fn new_coherent(
+        start: u64,
+        owner: Owner,
+        ops: &'static dyn PagemapOps,
+    ) -> Result<Arc<Self>> {
+        let region = MemRegion::claim_soft_reserved(start, CHUNK_SIZE)?;
+        let free = FreePages::Any(FreeMap::all_free(CHUNK_PAGES)?);
+        Self::map(MemoryKind::Coherent, region, free, KVVec::new(), owner, ops)
+    }
+
+    /// Maps the pages of `region`, all free, as memory of `kind`.
+    /// `backing` has an entry per page for private memory.
+    fn map(
+        kind: MemoryKind,
+        region: MemRegion,
+        pages: FreePages,
+        backing: KVVec<AtomicPtr<bindings::page>>,
+        owner: Owner,
+        ops: &'static dyn PagemapOps,
+    ) -> Result<Arc<Self>> {
+        let (start, size) = (region.start, region.size);
+        let type_ = match kind {
+            MemoryKind::Private => bindings::memory_type_MEMORY_DEVICE_PRIVATE,
+            MemoryKind::Coherent => bindings::memory_type_MEMORY_DEVICE_COHERENT,
+        };
         Arc::pin_init(
             try_pin_init!(Self {
+                kind,
                 ops,
                 owner,
                 first_pfn: (start >> PAGE_SHIFT) as usize,
                 backing,
                 free <- new_spinlock!(
                     FreeList {
-                        small,
-                        large,
+                        pages,
                         allocated: 0,
                         removing: false,
                     },
@@ -276,9 +500,9 @@ impl Pagemap {
                 ),
                 region,
                 // Mapped last: once mapped, the callbacks may run.
-                // INVARIANT: Mapped here with `PAGEMAP_OPS`, `owner` and the
-                // one range of `region`, unmapped in `drop`; the free lists
-                // above list every page once, all free.
+                // INVARIANT: Mapped here with `PAGEMAP_OPS`, `owner`, the
+                // type of `kind` and the one range of `region`, unmapped in
+                // `drop`; the free list lists every page once, all free.
                 pgmap <- Opaque::try_ffi_init(move |slot: *mut bindings::dev_pagemap| {
                     // SAFETY: `slot` is valid for writes of one pagemap;
                     // zeroes are its documented initial state.
@@ -290,14 +514,15 @@ impl Pagemap {
                         range.start = start;
                         range.end = start + size - 1;
                         (*slot).nr_range = 1;
-                        (*slot).type_ = bindings::memory_type_MEMORY_DEVICE_PRIVATE;
+                        (*slot).type_ = type_;
                         (*slot).ops = &PAGEMAP_OPS;
                         (*slot).owner = owner.as_ptr();
                     }
                     // SAFETY: `slot` is a pinned, filled-in pagemap over a
-                    // reserved free range; it is unmapped in `drop`, before
-                    // the range is released. `NUMA_NO_NODE` picks the
-                    // local node.
+                    // range we reserved: free address space, or
+                    // soft-reserved memory that nobody else claimed. It is
+                    // unmapped in `drop`, before the range is released.
+                    // `NUMA_NO_NODE` picks the local node.
                     let ptr = unsafe { bindings::memremap_pages(slot, bindings::NUMA_NO_NODE) };
                     if ptr.is_null() {
                         return Err(EFAULT);
@@ -314,15 +539,14 @@ impl Pagemap {
         self.owner
     }
 
-    /// The pagemap of `page`, if it is a device-private page of a
-    /// [`Pagemap`].
+    /// The pagemap of `page`, if it is a page of a [`Pagemap`].
     ///
     /// # Safety
     ///
     /// `page` must be a valid page that stays referenced for `'a`.
     pub(super) unsafe fn of_page<'a>(page: *mut bindings::page) -> Option<&'a Pagemap> {
         // SAFETY: `page` is valid, per the caller.
-        if !unsafe { bindings::is_device_private_page(page) } {
+        if !unsafe { bindings::is_zone_device_page(page) } {
             return None;
         }
         // SAFETY: A ZONE_DEVICE page has a pagemap, alive while it is
@@ -339,7 +563,7 @@ impl Pagemap {
         Some(unsafe { &*kernel::container_of!(Opaque::cast_from(pgmap), Pagemap, pgmap) })
     }
 
-    /// Allocates a page: a device page with a fresh backing page, locked,
+    /// Allocates a page: a device page (with a fresh backing page if private), locked,
     /// with one reference. Fails with `ENOSPC` when the pagemap is full or
     /// being removed, and `ENOMEM` when no backing page is available.
     pub(super) fn alloc_page(&self) -> Result<DevicePage> {
@@ -347,7 +571,7 @@ impl Pagemap {
     }
 
     /// Allocates a large device folio of [`FOLIO_PAGES`] pages, PMD
-    /// aligned, each with a backing page; locked, with one reference.
+    /// aligned (each with a backing page if private); locked, with one reference.
     /// Fails as [`alloc_page`](Self::alloc_page); only a pagemap made for
     /// large folios has any.
     pub(super) fn alloc_folio(&self) -> Result<DevicePage> {
@@ -360,12 +584,9 @@ impl Pagemap {
         // allocation.
         let index = {
             let mut list = self.free.lock();
-            let index = if list.removing {
-                None
-            } else if order > 0 {
-                list.large.pop().map(|group| group as usize * FOLIO_PAGES)
-            } else {
-                list.small.pop().map(|index| index as usize)
+            let index = match list.removing {
+                true => None,
+                false => list.pages.take(order),
             };
             if index.is_some() {
                 list.allocated += nr;
@@ -375,8 +596,34 @@ impl Pagemap {
         // Full, or being removed: `ENOSPC`, which tells callers to try
         // another pagemap.
         let index = index.ok_or(ENOSPC)?;
-        // The backing pages: one block, split into independent pages, so
-        // that the pieces of a split device folio can be freed one by one.
+        if self.kind == MemoryKind::Private {
+            self.alloc_backing(index, order)?;
+        }
+        // SAFETY: The index is within the mapped range, which has a memmap.
+        let page = unsafe { bindings::pfn_to_page((self.first_pfn + index) as c_ulong) };
+        // SAFETY: By the type invariant the pages were free (refcount zero)
+        // and they are ours now; the pagemap is mapped and not being
+        // removed. The page becomes a folio of `order`: the call resets
+        // every page it covers, a page left a tail of a freed large folio
+        // included (its compound head and order), takes pagemap
+        // references, sets the refcount to one and locks the folio.
+        unsafe { bindings::zone_device_folio_init(page.cast(), self.pgmap.get(), order) };
+        // INVARIANT: The folio is locked, referenced once and, if private,
+        // has backing pages.
+        Ok(DevicePage {
+            // SAFETY: `pfn_to_page` of a mapped pfn is not null.
+            page: unsafe { NonNull::new_unchecked(page) },
+            order,
+            filled: false,
+        })
+    }
+
+    /// Gives the private pages from `index` on, taken off the free list,
+    /// backing pages; puts them back on failure (`ENOMEM`).
+    fn alloc_backing(&self, index: usize, order: u32) -> Result {
+        let nr = 1usize << order;
+        // One block, split into independent pages, so that the pieces of a
+        // split device folio can be freed one by one.
         // SAFETY: Allocating pages has no precondition.
         let Some(first) =
             NonNull::new(unsafe { bindings::alloc_pages_noprof(GFP_HIGHUSER, order) })
@@ -384,14 +631,8 @@ impl Pagemap {
             let mut list = self.free.lock();
             list.allocated -= nr;
             if !list.removing {
-                // INVARIANT: Still free, and off the list since popped. The
-                // capacities cover every page and group.
-                let _ = if order > 0 {
-                    list.large
-                        .push_within_capacity((index / FOLIO_PAGES) as u32)
-                } else {
-                    list.small.push_within_capacity(index as u32)
-                };
+                // INVARIANT: Still free, and off the list since taken.
+                list.pages.give_back(index, order);
             }
             return Err(ENOMEM);
         };
@@ -408,26 +649,15 @@ impl Pagemap {
             // INVARIANT: The device page is ours now, and owns this page.
             self.backing[index + i].store(page, Ordering::Release);
         }
-        // SAFETY: The index is within the mapped range, which has a memmap.
-        let page = unsafe { bindings::pfn_to_page((self.first_pfn + index) as c_ulong) };
-        // SAFETY: By the type invariant the pages were free (refcount zero)
-        // and they are ours now; the pagemap is mapped and not being
-        // removed. The first page is not a tail page (a group is only ever
-        // used as a whole; a small page is never part of a free group), so
-        // it is the folio. This takes pagemap references,
-        // sets the refcount to one and locks the folio.
-        unsafe { bindings::zone_device_folio_init(page.cast(), self.pgmap.get(), order) };
-        // INVARIANT: The folio is locked, referenced once and has backing pages.
-        Ok(DevicePage {
-            // SAFETY: `pfn_to_page` of a mapped pfn is not null.
-            page: unsafe { NonNull::new_unchecked(page) },
-            order,
-            filled: false,
-        })
+        Ok(())
     }
 
-    /// The backing page of `page`, a page of this pagemap that is allocated.
+    /// Where the data of `page`, an allocated page of this pagemap, is:
+    /// its backing page, or the page itself for coherent memory.
     fn backing_of(&self, page: NonNull<bindings::page>) -> *mut bindings::page {
+        if self.kind == MemoryKind::Coherent {
+            return page.as_ptr();
+        }
         // SAFETY: `page` is a page of this pagemap, so it has a pfn in range.
         let pfn = unsafe { bindings::page_to_pfn(page.as_ptr()) } as usize;
         self.backing
@@ -484,17 +714,8 @@ impl Pagemap {
             list.allocated = list.allocated.saturating_sub(nr);
             if !list.removing {
                 // INVARIANT: The pages' refcount is zero and they were not
-                // listed while allocated. The capacities cover every page
-                // and group, so this never allocates.
-                if order == FOLIO_ORDER && index % FOLIO_PAGES == 0 {
-                    let _ = list
-                        .large
-                        .push_within_capacity((index / FOLIO_PAGES) as u32);
-                } else {
-                    for i in 0..nr {
-                        let _ = list.small.push_within_capacity((index + i) as u32);
-                    }
-                }
+                // listed while allocated. This never allocates.
+                list.pages.give_back(index, order);
             }
         }
         this.ops.folio_free(this);
@@ -550,8 +771,7 @@ impl PinnedDrop for Pagemap {
         {
             let mut list = self.free.lock();
             list.removing = true;
-            list.small.clear();
-            list.large.clear();
+            list.pages.clear();
         }
         // Evict until no page is left in use: a page may be locked by a
         // migration that runs right now, and only be mapped when it ends.
@@ -587,14 +807,15 @@ impl PinnedDrop for Pagemap {
 ///
 /// Dropping it unlocks it and puts that reference, which frees it. Giving
 /// it to a migration as a destination hands both over; its data is zeroed
-/// then unless a copy filled it, as fresh backing pages hold whatever
-/// their last user left.
+/// then unless a copy filled it, as fresh memory holds whatever its last
+/// user left.
 ///
 /// # Invariants
 ///
 /// `page` is the first page of a device folio of order `order` of a live
-/// [`Pagemap`], locked by us, with a reference we own and backing pages.
-/// If `filled`, every backing page was written since the allocation.
+/// [`Pagemap`], locked by us, with a reference we own, and with backing
+/// pages if the pagemap is private. If `filled`, the data of every page
+/// was written since the allocation.
 pub struct DevicePage {
     page: NonNull<bindings::page>,
     order: u32,
@@ -612,7 +833,8 @@ impl DevicePage {
         self.order > 0
     }
 
-    /// The backing page of page `i` of the folio; null if out of range.
+    /// The page holding the data of page `i` of the folio (its backing
+    /// page, or itself); null if out of range.
     pub(super) fn backing_at(&self, i: usize) -> *mut bindings::page {
         if i >= self.nr_pages() {
             return core::ptr::null_mut();
@@ -630,13 +852,13 @@ impl DevicePage {
         pagemap.backing_of(unsafe { NonNull::new_unchecked(page) })
     }
 
-    /// Records that a copy wrote every backing page.
+    /// Records that a copy wrote the data of every page.
     pub(super) fn set_filled(&mut self) {
-        // INVARIANT: Only called after every backing page was written.
+        // INVARIANT: Only called after every page's data was written.
         self.filled = true;
     }
 
-    /// Zeroes the backing pages unless a copy filled them.
+    /// Zeroes the folio's data unless a copy filled it.
     pub(super) fn zero_unless_filled(&mut self) {
         if self.filled {
             return;
@@ -644,8 +866,10 @@ impl DevicePage {
         for i in 0..self.nr_pages() {
             let backing = self.backing_at(i);
             if !backing.is_null() {
-                // SAFETY: The backing page is ours while the device page
-                // is; an order-0 page with a kernel mapping when used.
+                // SAFETY: The page is ours while the device folio is: an
+                // order-0 backing page, or a page of the coherent folio
+                // itself, which the direct map covers (`memremap_pages()`
+                // maps coherent memory like RAM).
                 unsafe { bindings::clear_highpage(backing) };
             }
         }
@@ -668,14 +892,13 @@ impl Drop for DevicePage {
     }
 }
 
-/// A device-private page of some [`Pagemap`], referenced (and usually
-/// locked) by someone else for `'a`, for example as the source of a
-/// migration.
+/// A device page of some [`Pagemap`], referenced (and usually locked) by
+/// someone else for `'a`, for example as the source of a migration.
 ///
 /// # Invariants
 ///
 /// `page` is an allocated device page of a live [`Pagemap`], so it has a
-/// backing page, and both stay valid for `'a`.
+/// backing page if private, and all stay valid for `'a`.
 #[derive(Clone, Copy)]
 pub struct DevicePageRef<'a> {
     pub(super) page: NonNull<bindings::page>,
@@ -688,7 +911,7 @@ impl<'a> DevicePageRef<'a> {
         self.pagemap
     }
 
-    /// The backing page, which holds the page's data.
+    /// The page that holds the page's data: its backing page, or itself.
     pub(super) fn backing(&self) -> *mut bindings::page {
         self.pagemap.backing_of(self.page)
     }

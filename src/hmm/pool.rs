@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Device memory pools: the [`Pagemap`]s of each device, allocated on
-//! demand.
+//! Device memory pools: the [`Pagemap`]s of each device. Device-private
+//! pools grow on demand; a device-coherent pool is its one fixed range.
 
 use super::{
     pagemap::{DevicePage, Pagemap, PagemapOps},
@@ -16,6 +16,10 @@ pub const MAX_POOLS: usize = 4;
 /// The pagemaps of every pool, while [`PoolsRegistration`] lives.
 struct Pools {
     chunks: [KVec<Arc<Pagemap>>; MAX_POOLS],
+    /// Whether a pool is fixed: its pagemaps map memory that is there
+    /// (coherent memory), never grow and are never removed before the
+    /// registration goes. Its RELEASE only evicts.
+    fixed: [bool; MAX_POOLS],
     /// Pagemaps taken out of their pool whose pages were still in use:
     /// removed at the next [`DevicePool::remove_chunks`] that finds them
     /// unused, or when the registration goes.
@@ -30,6 +34,7 @@ kernel::sync::global_lock! {
     // use: every use goes through `pools()`, which checks that it was.
     unsafe(uninit) static POOLS: Mutex<Pools> = Pools {
         chunks: [KVec::new(), KVec::new(), KVec::new(), KVec::new()],
+        fixed: [false; MAX_POOLS],
         retiring: KVec::new(),
         open: false,
     };
@@ -71,6 +76,7 @@ impl Drop for PoolsRegistration {
         let (chunks, retiring) = {
             let mut pools = POOLS.lock();
             pools.open = false;
+            pools.fixed = [false; MAX_POOLS];
             (
                 core::mem::take(&mut pools.chunks),
                 core::mem::take(&mut pools.retiring),
@@ -94,9 +100,10 @@ fn pools() -> Result<kernel::sync::GlobalGuard<POOLS>> {
     Ok(pools)
 }
 
-/// The device-private memory of one device: [`Pagemap`]s of
-/// [`CHUNK_SIZE`](super::CHUNK_SIZE) bytes, all with the device's owner,
-/// added when the ones there are full (C's `devmem_chunks`).
+/// The device memory of one device: [`Pagemap`]s of
+/// [`CHUNK_SIZE`](super::CHUNK_SIZE) bytes, all with the device's owner.
+/// Device-private ones are added when the ones there are full (C's
+/// `devmem_chunks`); device-coherent memory is one fixed pagemap.
 #[derive(Clone, Copy)]
 pub struct DevicePool {
     id: usize,
@@ -115,11 +122,36 @@ impl DevicePool {
         Ok(Self { id, owner, ops })
     }
 
-    /// Adds a pagemap for small pages to the pool.
+    /// Adds a device-private pagemap for small pages to the pool.
     pub fn add_chunk(&self) -> Result {
         let mut pools = pools()?;
+        let pools = &mut *pools;
+        if pools.fixed[self.id] {
+            return Err(EINVAL);
+        }
         self.add_locked(&mut pools.chunks[self.id], false)
             .map(|_| ())
+    }
+
+    /// Makes the pool the device-coherent memory at physical address
+    /// `start` (see [`Pagemap`]): one pagemap, mapped once, for pages of
+    /// both sizes. The pool must be empty (`EINVAL`) and stays fixed.
+    pub fn add_coherent_chunk(&self, start: u64) -> Result {
+        let mut pools = pools()?;
+        let pools = &mut *pools;
+        if !pools.chunks[self.id].is_empty() {
+            return Err(EINVAL);
+        }
+        pools.chunks[self.id].reserve(1, GFP_KERNEL)?;
+        let pagemap = Pagemap::new_coherent(start, self.owner, self.ops)?;
+        pr_info!(
+            "added {} MB of coherent memory at {:#x}\n",
+            super::CHUNK_SIZE >> 20,
+            start
+        );
+        pools.chunks[self.id].push(pagemap, GFP_KERNEL)?;
+        pools.fixed[self.id] = true;
+        Ok(())
     }
 
     fn add_locked<'a>(
@@ -128,7 +160,7 @@ impl DevicePool {
         large_folios: bool,
     ) -> Result<&'a Arc<Pagemap>> {
         chunks.reserve(1, GFP_KERNEL)?;
-        let pagemap = Pagemap::new(self.owner, self.ops, large_folios)?;
+        let pagemap = Pagemap::new_private(self.owner, self.ops, large_folios)?;
         let count = chunks.len() + 1;
         pr_info!(
             "added new {} MB chunk (total {} chunks, {} MB)\n",
@@ -163,7 +195,8 @@ impl DevicePool {
 
     /// Removes every pagemap of the pool: evicts its pages, unmaps it and
     /// releases its address range (C's `dmirror_device_remove_chunks`).
-    /// Later allocations add new ones.
+    /// Later allocations add new ones. A fixed (coherent) pool only evicts:
+    /// its memory stays mapped, as it never grows back.
     ///
     /// A pagemap whose pages are still in use after eviction (a migration
     /// or a [`DevicePage`] holds one, maybe the caller's) is set aside, not
@@ -173,6 +206,12 @@ impl DevicePool {
     pub fn remove_chunks(&self) -> Result {
         let mut pools = pools()?;
         let pools = &mut *pools;
+        if pools.fixed[self.id] {
+            for chunk in pools.chunks[self.id].iter() {
+                chunk.evict();
+            }
+            return Ok(());
+        }
         let count = pools.chunks[self.id].len() + pools.retiring.len();
         let mut chunks = KVec::with_capacity(count, GFP_KERNEL)?;
         // Room to set every one aside again: none is dropped in use.
@@ -223,6 +262,7 @@ impl PoolAllocator<'_> {
                 chunk.alloc_page()
             }
         };
+        let fixed = self.pools.fixed[self.pool.id];
         let chunks = &mut self.pools.chunks[self.pool.id];
         // `ENOSPC`: that pagemap is full, try the next one. Any other
         // error (no memory for the backing pages) would be the same with
@@ -232,6 +272,9 @@ impl PoolAllocator<'_> {
                 Err(e) if e == ENOSPC => {}
                 result => return result,
             }
+        }
+        if fixed {
+            return Err(ENOMEM);
         }
         alloc(self.pool.add_locked(chunks, large)?)
             .map_err(|e| if e == ENOSPC { ENOMEM } else { e })
