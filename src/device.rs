@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The pseudo devices: which one a file was opened on, its kind, and its
-//! device-private memory.
+//! device memory.
 
 use crate::hmm::{
     Collected, CpuFault, Destination, DevicePool, FaultError, Migration, Owner, Pagemap,
@@ -78,28 +78,19 @@ impl Device {
         Ok(Self { id })
     }
 
-    /// The kind of this device.
-    pub(crate) fn kind(&self) -> DeviceKind {
-        DeviceKind::of(self.id)
-    }
-
     /// The owner of this device's pages and of its migrations back to
     /// system memory.
     pub(crate) fn owner(&self) -> Owner {
         Owner::of(&OWNER_TAGS[self.id])
     }
 
-    /// The device-private memory of this device; `EOPNOTSUPP` for the
-    /// device-coherent devices, which this port does not support yet.
+    /// The device memory of this device.
     pub(crate) fn pool(&self) -> Result<DevicePool> {
-        if self.kind() != DeviceKind::Private {
-            return Err(EOPNOTSUPP);
-        }
         DevicePool::new(self.id, self.owner(), &DEVMEM_OPS)
     }
 }
 
-/// What the devices do for their device-private pages.
+/// What the devices do for their device pages.
 struct DevmemOps;
 static DEVMEM_OPS: DevmemOps = DevmemOps;
 

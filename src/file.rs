@@ -199,12 +199,7 @@ impl MiscDevice for DmirrorFile {
             HMM_DMIRROR_FLAGS => me.set_flags(cmd.npages),
             HMM_DMIRROR_MIGRATE_TO_DEV => me.migrate_to_device(&mut cmd, &span)?,
             HMM_DMIRROR_MIGRATE_TO_SYS => me.migrate_to_system(&mut cmd, &span)?,
-            // Coherent devices have no device memory here yet.
-            HMM_DMIRROR_RELEASE => {
-                if let Ok(pool) = me.device.pool() {
-                    pool.remove_chunks()?;
-                }
-            }
+            HMM_DMIRROR_RELEASE => me.device.pool()?.remove_chunks()?,
             HMM_DMIRROR_EXCLUSIVE => me.exclusive(&mut cmd, &span)?,
             _ => return Err(EINVAL),
         }
@@ -535,8 +530,11 @@ impl DmirrorFile {
                     return Ok(false);
                 };
                 for pfn in locked.pfns() {
-                    if pfn.page_kind() == Some(PageKind::DevicePrivate(Some(owner))) {
-                        locked.map(&pfn)?;
+                    match pfn.page_kind() {
+                        Some(
+                            PageKind::DevicePrivate(Some(o)) | PageKind::DeviceCoherent(Some(o)),
+                        ) if o == owner => locked.map(&pfn)?,
+                        _ => {}
                     }
                 }
                 Ok(true)
@@ -549,8 +547,6 @@ impl DmirrorFile {
     /// MIGRATE_TO_SYS: migrates this device's pages in `span` back to
     /// system memory. `cpages` counts the pages that moved.
     fn migrate_to_system(&self, cmd: &mut HmmDmirrorCmd, span: &Span) -> Result {
-        // Only devices with device memory migrate.
-        self.device.pool()?;
         let mm = self.mirror.mm().mmget_not_zero().ok_or(EINVAL)?;
         let lock = MmapReadGuard::lock(&mm);
         let mut addr = span.start;

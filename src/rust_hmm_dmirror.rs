@@ -72,22 +72,40 @@ struct DmirrorModule {
     _memory: DeviceMemory,
 }
 
-/// The device memory of the device-private devices, removed at module
-/// exit after the devices (C's `dmirror_device_remove_chunks`).
+/// The device memory of every device, removed at module exit after the
+/// devices (C's `dmirror_device_remove_chunks`).
 struct DeviceMemory {
     _pools: hmm::PoolsRegistration,
 }
 
 impl DeviceMemory {
-    /// Gives each device-private device its first chunk, as C does.
-    fn new() -> Result<Self> {
+    /// Gives each device-private device its first chunk, as C does, and
+    /// each device-coherent one its memory, if `coherent` gives the
+    /// physical addresses of the two ranges.
+    fn new(coherent: Option<[u64; 2]>) -> Result<Self> {
         // On failure, dropping the registration removes the chunks added.
         let memory = DeviceMemory {
             _pools: hmm::PoolsRegistration::new()?,
         };
         for id in 0..device::MAX_DEVICES {
-            if let Ok(pool) = Device::by_id(id)?.pool() {
-                pool.add_chunk()?;
+            let pool = Device::by_id(id)?.pool()?;
+            match (DeviceKind::of(id), coherent) {
+                (DeviceKind::Private, _) => pool.add_chunk()?,
+                // As C (lib/test_hmm.c, dmirror_allocate_chunk()), device 2
+                // takes spm_addr_dev1 and device 3 spm_addr_dev0, the
+                // reverse of their names; the upstream tests expect no
+                // more than that the two differ.
+                (DeviceKind::Coherent, Some(spm)) => {
+                    pool.add_coherent_chunk(spm[3 - id]).inspect_err(|e| {
+                        pr_err!(
+                            "device {}: no coherent memory at {:#x}: {:?}\n",
+                            id,
+                            spm[3 - id],
+                            e
+                        )
+                    })?
+                }
+                (DeviceKind::Coherent, None) => {}
             }
         }
         Ok(memory)
@@ -96,9 +114,12 @@ impl DeviceMemory {
 
 impl kernel::Module for DmirrorModule {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        let coherent = module_parameters::spm_addr_dev0.value() != 0
-            && module_parameters::spm_addr_dev1.value() != 0;
-        let memory = DeviceMemory::new()?;
+        let spm = [
+            module_parameters::spm_addr_dev0.value(),
+            module_parameters::spm_addr_dev1.value(),
+        ];
+        let coherent = spm[0] != 0 && spm[1] != 0;
+        let memory = DeviceMemory::new(coherent.then_some(spm))?;
         let mut devices = KVec::new();
         for (id, name) in DEVICE_NAMES.iter().enumerate() {
             if DeviceKind::of(id) == DeviceKind::Coherent && !coherent {
