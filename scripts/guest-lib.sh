@@ -3,12 +3,18 @@
 # do not run it.
 
 # guest_module c|rust: set module_ko, the module file vm-run handed the
-# guest, and module_name, its name for rmmod. The names are this long so
-# that no caller's own variables get overwritten.
+# guest, module_name, its name for rmmod, and module_params, what it is
+# loaded with (vm-run --coherent gives the Rust module its coherent
+# memory). The names are this long so that no caller's own variables get
+# overwritten.
 guest_module() {
+	module_params=
 	case $1 in
 	c) module_ko=$DMIRROR_C_KO ;;
-	rust) module_ko=$DMIRROR_RUST_KO ;;
+	rust)
+		module_ko=$DMIRROR_RUST_KO
+		module_params=${DMIRROR_RUST_ARGS:-}
+		;;
 	*)
 		echo "unknown module '$1': c or rust" >&2
 		return 2

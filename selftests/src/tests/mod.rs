@@ -7,6 +7,7 @@ use std::io;
 use std::time::Duration;
 
 mod badinput;
+mod coherent;
 mod devmem;
 mod devmem_life;
 mod fuzz;
@@ -25,6 +26,7 @@ pub fn all() -> Vec<&'static Test> {
         snapshot::TESTS,
         devmem::TESTS,
         devmem_life::TESTS,
+        coherent::TESTS,
         badinput::TESTS,
         lockdrop::TESTS,
         lockdrop_race::TESTS,
