@@ -9,7 +9,7 @@
 //! when the module was loaded without `spm_addr_dev0`/`spm_addr_dev1`.
 
 use super::devmem::{buffer, npages, thp_buffer, KIND, SIZE};
-use crate::check::check_each;
+use crate::check::{check_each, expect_errno};
 use crate::dmirror::Dmirror;
 use crate::harness::{Test, TestResult};
 use crate::mem::{self, Mapping};
@@ -23,6 +23,7 @@ pub const TESTS: &[Test] = &[
     Test::new("coherent.small_after_release", small_after_release),
     Test::new("coherent.partial_unmap_thp", partial_unmap_thp),
     Test::new("coherent.remote", remote),
+    Test::new("coherent.exclusive", exclusive),
 ];
 
 /// The coherent device `unit` (2 or 3), or a skip when the module has
@@ -180,4 +181,34 @@ fn remote() -> TestResult {
     let c = d2.cmd(HMM_DMIRROR_MIGRATE_TO_SYS, buf.addr(), out.addr(), n)?;
     ensure_eq!(c.cpages, 0);
     migrate_out(&d3, buf.addr(), SIZE)
+}
+
+/// EXCLUSIVE over pages in the device's own coherent memory: the device
+/// gets them, CHECK_EXCLUSIVE says so until a CPU write takes them back,
+/// and the data stays where it is, on the device.
+fn exclusive() -> TestResult {
+    let d = open(2)?;
+    let mut buf = buffer(SIZE)?;
+    migrate_in(&d, buf.addr(), SIZE, 0)?;
+    let n = npages(SIZE);
+    let out = Mapping::rw(SIZE)?;
+    let c = d.cmd(HMM_DMIRROR_EXCLUSIVE, buf.addr(), out.addr(), n)?;
+    ensure_eq!(c.cpages, n as u64);
+    check_each("device read under exclusive access", out.words(), |i| {
+        i as u32
+    })?;
+    expect_errno(
+        d.cmd(HMM_DMIRROR_CHECK_EXCLUSIVE, buf.addr(), out.addr(), n),
+        libc::EPERM,
+        "CHECK_EXCLUSIVE right after EXCLUSIVE",
+    )?;
+    for w in buf.words_mut() {
+        *w = w.wrapping_add(1);
+    }
+    check_each("CPU write after exclusive", buf.words(), |i| i as u32 + 1)?;
+    d.cmd(HMM_DMIRROR_CHECK_EXCLUSIVE, buf.addr(), out.addr(), n)?;
+    let kinds = super::devmem::page_kinds(&d, buf.addr(), n)?;
+    check_each("page kind after the CPU write", &kinds, |_| {
+        HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL
+    })
 }
