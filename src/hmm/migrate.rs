@@ -599,7 +599,8 @@ impl<'a> Collected<'a> {
             // by the migration until finalize, which needs `self`.
             return match unsafe { Pagemap::of_page(page.as_ptr()) } {
                 // INVARIANT: A collected page is allocated, so it has a
-                // backing page; both live while the migration holds it.
+                // backing page if private (a coherent page is its own);
+                // all live while the migration holds it.
                 Some(pagemap) => Source::Device(DevicePageRef { page, pagemap }),
                 None => Source::Skip,
             };
@@ -780,7 +781,8 @@ unsafe fn device_page<'a>(entry: c_ulong) -> Option<DevicePageRef<'a>> {
     // SAFETY: The caller keeps the page referenced for `'a`.
     let pagemap = unsafe { Pagemap::of_page(page.as_ptr()) }?;
     // INVARIANT: A page a migration holds is allocated, so it has a
-    // backing page; both stay valid while it is referenced.
+    // backing page if private (a coherent page is its own); all stay
+    // valid while it is referenced.
     Some(DevicePageRef { page, pagemap })
 }
 

@@ -75,6 +75,12 @@
 //! point into its freed text: the same hole as forgetting any
 //! registration of the kernel crate (a `MiscDeviceRegistration`, say),
 //! which the module's own structure, not a type, rules out.
+//!
+//! User space can hold a device page too: a device-coherent page that a
+//! process pins with `vmsplice()` into a pipe it keeps open cannot be
+//! migrated, so eviction leaves it, and dropping the
+//! [`PoolsRegistration`] (module exit) waits until the pipe is closed, as
+//! `memunmap_pages()` does for C.
 
 mod exclusive;
 mod migrate;

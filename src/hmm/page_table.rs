@@ -60,10 +60,11 @@ const BATCH: usize = 64;
 /// - `xa` is an initialized XArray whose entries are `struct page` pointers
 ///   tagged with a [`MirroredAccess`].
 /// - Every page in it stays allocated while it is in the table: entries
-///   come from [`ValidPfn`]s, or are the backing pages of device pages
-///   that the CPU maps (a device page keeps its backing page while it is
-///   allocated), and the owning mirror erases them when the CPU mapping is
-///   invalidated, under the lock that guards the table.
+///   come from [`ValidPfn`]s, or are the pages holding the data of device
+///   pages that the CPU maps (a private device page keeps its backing page
+///   while it is allocated; a coherent one is its own), and the owning
+///   mirror erases them when the CPU mapping is invalidated, before the
+///   device page can be freed, under the lock that guards the table.
 /// - An entry tagged [`MirroredAccess::Atomic`] owns a reference to its
 ///   page, and is the only kind that carries [`EXCLUSIVE_MARK`].
 /// - No entry has an index above `max_index`. (Stores and erases run under

@@ -38,7 +38,7 @@ use core::{
 use kernel::{
     bindings,
     c_str,
-    ffi::c_ulong,
+    ffi::{c_int, c_ulong, c_void},
     new_spinlock,
     page::{PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
@@ -263,12 +263,12 @@ impl FreeMap {
         for page in index..index + nr {
             let (word, bit) = (page / 64, 1u64 << (page % 64));
             match self.bits.get_mut(word) {
-                // A page given back twice is counted once.
                 Some(bits) if *bits & bit == 0 => {
                     *bits |= bit;
                     self.group_free[page / FOLIO_PAGES] += 1;
                 }
-                _ => {}
+                // Only a kernel bug frees a page twice: count it once.
+                _ => pr_warn!("device page {} freed twice\n", page),
             }
         }
     }
@@ -318,19 +318,33 @@ impl MemRegion {
     }
 
     /// Claims `[start, start + size)`, which must be soft-reserved memory
-    /// (`EINVAL` otherwise) that nobody claimed (`EBUSY`). The claim is
-    /// what keeps a second pagemap off the range: `memremap_pages()` WARNs
-    /// on a range that has one already.
+    /// throughout (`EINVAL` otherwise) that nobody claimed (`EBUSY`). The
+    /// claim is what keeps a second pagemap of ours, or of any driver that
+    /// claims its memory first (DAX, kmem), off the range:
+    /// `memremap_pages()` WARNs on a range that has one already. A driver
+    /// that maps soft-reserved memory without claiming it is not seen.
     fn claim_soft_reserved(start: u64, size: usize) -> Result<Self> {
-        // Aligned for large folios; the soft-reserved range bounds it.
-        if start % (PAGE_SIZE << FOLIO_ORDER) as u64 != 0
-            || start.checked_add(size as u64).is_none()
-        {
+        let end = start.checked_add(size as u64).ok_or(EINVAL)?;
+        // Aligned for large folios.
+        if start % (PAGE_SIZE << FOLIO_ORDER) as u64 != 0 || size == 0 {
             return Err(EINVAL);
         }
-        // SAFETY: Reads the soft-reserved resource tree, under its lock.
-        let reserved = unsafe { bindings::region_intersects_soft_reserve(start, size) };
-        if reserved != bindings::REGION_INTERSECTS as i32 {
+        // Soft-reserved throughout: the parts of the soft-reserved ranges
+        // inside the window add up to all of it. (`region_intersects_*`
+        // would take a window half in a hole: a hole does not count
+        // against it.) Memory that is not there would be mapped as RAM.
+        let mut covered: u64 = 0;
+        // SAFETY: Walks the soft-reserved resource tree under its lock;
+        // the callback only adds to `covered`, which outlives the call.
+        unsafe {
+            bindings::walk_soft_reserve_res(
+                start,
+                end - 1,
+                core::ptr::from_mut(&mut covered).cast(),
+                Some(Self::add_length),
+            )
+        };
+        if covered != size as u64 {
             return Err(EINVAL);
         }
         // SAFETY: `iomem_resource` is the static root of the I/O memory
@@ -352,6 +366,23 @@ impl MemRegion {
             start,
             size: size as u64,
         })
+    }
+}
+
+impl MemRegion {
+    /// `walk_soft_reserve_res()` callback: adds the length of `res`, which
+    /// the walk clipped to its window, to the `u64` at `arg`.
+    ///
+    /// # Safety
+    ///
+    /// `res` is a valid resource and `arg` points to a `u64` that nothing
+    /// else accesses during the call.
+    unsafe extern "C" fn add_length(res: *mut bindings::resource, arg: *mut c_void) -> c_int {
+        // SAFETY: `res` is valid for the call, per the caller.
+        let (start, end) = unsafe { ((*res).start, (*res).end) };
+        // SAFETY: `arg` is the `u64` our caller handed to the walk.
+        unsafe { *arg.cast::<u64>() += end - start + 1 };
+        0
     }
 }
 
@@ -557,7 +588,7 @@ impl Pagemap {
         if !core::ptr::eq(unsafe { (*pgmap).ops }, &PAGEMAP_OPS) {
             return None;
         }
-        // SAFETY: Only `Pagemap::new` maps pagemaps with these ops, and
+        // SAFETY: Only `Pagemap::map` maps pagemaps with these ops, and
         // always as the `pgmap` field of a `Pagemap`, which stays until the
         // pagemap is unmapped, after its last page is freed.
         Some(unsafe { &*kernel::container_of!(Opaque::cast_from(pgmap), Pagemap, pgmap) })
@@ -572,8 +603,9 @@ impl Pagemap {
 
     /// Allocates a large device folio of [`FOLIO_PAGES`] pages, PMD
     /// aligned (each with a backing page if private); locked, with one reference.
-    /// Fails as [`alloc_page`](Self::alloc_page); only a pagemap made for
-    /// large folios has any.
+    /// Fails as [`alloc_page`](Self::alloc_page). A private pagemap has
+    /// them only if made for large folios, a coherent one while a group is
+    /// wholly free.
     pub(super) fn alloc_folio(&self) -> Result<DevicePage> {
         self.alloc(FOLIO_ORDER)
     }
@@ -606,7 +638,11 @@ impl Pagemap {
         // removed. The page becomes a folio of `order`: the call resets
         // every page it covers, a page left a tail of a freed large folio
         // included (its compound head and order), takes pagemap
-        // references, sets the refcount to one and locks the folio.
+        // references, sets the refcount to one and locks the folio. The
+        // free pages beside it may keep a stale compound head or order
+        // (a coherent pagemap breaks up groups): no pfn walker can take a
+        // reference to a page whose refcount is zero, and eviction steps
+        // over such a page one pfn at a time (patch 0012).
         unsafe { bindings::zone_device_folio_init(page.cast(), self.pgmap.get(), order) };
         // INVARIANT: The folio is locked, referenced once and, if private,
         // has backing pages.

@@ -135,12 +135,17 @@ impl DevicePool {
 
     /// Makes the pool the device-coherent memory at physical address
     /// `start` (see [`Pagemap`]): one pagemap, mapped once, for pages of
-    /// both sizes. The pool must be empty (`EINVAL`) and stays fixed.
+    /// both sizes. The pool must be empty (`EINVAL`), none of its old
+    /// pagemaps still in use (`EBUSY`), and it stays fixed.
     pub fn add_coherent_chunk(&self, start: u64) -> Result {
         let mut pools = pools()?;
         let pools = &mut *pools;
         if !pools.chunks[self.id].is_empty() {
             return Err(EINVAL);
+        }
+        // A fixed pool's RELEASE does not look at the pagemaps set aside.
+        if pools.retiring.iter().any(|p| p.owner() == self.owner) {
+            return Err(EBUSY);
         }
         pools.chunks[self.id].reserve(1, GFP_KERNEL)?;
         let pagemap = Pagemap::new_coherent(start, self.owner, self.ops)?;
