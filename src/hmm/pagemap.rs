@@ -565,6 +565,11 @@ impl Pagemap {
         )
     }
 
+    /// The kind of memory of this pagemap.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
     /// The owner of this pagemap's pages.
     pub fn owner(&self) -> Owner {
         self.owner

@@ -4,7 +4,7 @@
 //! pools grow on demand; a device-coherent pool is its one fixed range.
 
 use super::{
-    pagemap::{DevicePage, Pagemap, PagemapOps},
+    pagemap::{DevicePage, MemoryKind, Pagemap, PagemapOps},
     Owner,
 };
 use core::sync::atomic::{AtomicU8, Ordering};
@@ -16,10 +16,6 @@ pub const MAX_POOLS: usize = 4;
 /// The pagemaps of every pool, while [`PoolsRegistration`] lives.
 struct Pools {
     chunks: [KVec<Arc<Pagemap>>; MAX_POOLS],
-    /// Whether a pool is fixed: its pagemaps map memory that is there
-    /// (coherent memory), never grow and are never removed before the
-    /// registration goes. Its RELEASE only evicts.
-    fixed: [bool; MAX_POOLS],
     /// Pagemaps taken out of their pool whose pages were still in use:
     /// removed at the next [`DevicePool::remove_chunks`] that finds them
     /// unused, or when the registration goes.
@@ -34,7 +30,6 @@ kernel::sync::global_lock! {
     // use: every use goes through `pools()`, which checks that it was.
     unsafe(uninit) static POOLS: Mutex<Pools> = Pools {
         chunks: [KVec::new(), KVec::new(), KVec::new(), KVec::new()],
-        fixed: [false; MAX_POOLS],
         retiring: KVec::new(),
         open: false,
     };
@@ -76,7 +71,6 @@ impl Drop for PoolsRegistration {
         let (chunks, retiring) = {
             let mut pools = POOLS.lock();
             pools.open = false;
-            pools.fixed = [false; MAX_POOLS];
             (
                 core::mem::take(&mut pools.chunks),
                 core::mem::take(&mut pools.retiring),
@@ -87,6 +81,13 @@ impl Drop for PoolsRegistration {
         drop(chunks);
         drop(retiring);
     }
+}
+
+/// Whether a pool with these pagemaps is fixed: it maps memory that is
+/// there (coherent memory), never grows and is never removed before the
+/// registration goes. Its RELEASE only evicts.
+fn is_fixed(chunks: &[Arc<Pagemap>]) -> bool {
+    chunks.iter().any(|p| p.kind() == MemoryKind::Coherent)
 }
 
 fn pools() -> Result<kernel::sync::GlobalGuard<POOLS>> {
@@ -125,8 +126,7 @@ impl DevicePool {
     /// Adds a device-private pagemap for small pages to the pool.
     pub fn add_chunk(&self) -> Result {
         let mut pools = pools()?;
-        let pools = &mut *pools;
-        if pools.fixed[self.id] {
+        if is_fixed(&pools.chunks[self.id]) {
             return Err(EINVAL);
         }
         self.add_locked(&mut pools.chunks[self.id], false)
@@ -155,7 +155,6 @@ impl DevicePool {
             start
         );
         pools.chunks[self.id].push(pagemap, GFP_KERNEL)?;
-        pools.fixed[self.id] = true;
         Ok(())
     }
 
@@ -210,13 +209,12 @@ impl DevicePool {
     /// and may hold the pools' lock throughout, as C holds its own.
     pub fn remove_chunks(&self) -> Result {
         let mut pools = pools()?;
-        let pools = &mut *pools;
-        if pools.fixed[self.id] {
-            for chunk in pools.chunks[self.id].iter() {
-                chunk.evict();
-            }
+        if is_fixed(&pools.chunks[self.id]) {
+            drop(pools);
+            self.evict();
             return Ok(());
         }
+        let pools = &mut *pools;
         let count = pools.chunks[self.id].len() + pools.retiring.len();
         let mut chunks = KVec::with_capacity(count, GFP_KERNEL)?;
         // Room to set every one aside again: none is dropped in use.
@@ -267,7 +265,6 @@ impl PoolAllocator<'_> {
                 chunk.alloc_page()
             }
         };
-        let fixed = self.pools.fixed[self.pool.id];
         let chunks = &mut self.pools.chunks[self.pool.id];
         // `ENOSPC`: that pagemap is full, try the next one. Any other
         // error (no memory for the backing pages) would be the same with
@@ -278,7 +275,7 @@ impl PoolAllocator<'_> {
                 result => return result,
             }
         }
-        if fixed {
+        if is_fixed(chunks) {
             return Err(ENOMEM);
         }
         alloc(self.pool.add_locked(chunks, large)?)
